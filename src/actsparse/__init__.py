@@ -1,0 +1,32 @@
+"""actsparse: measure, induce and exploit activation sparsity in PyTorch models.
+
+Imports are cheap: heavy modules (transformers, numba) load on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "load": "actsparse.models.loading",
+    "ModelBundle": "actsparse.models.loading",
+    "site_map": "actsparse.models.sitemaps",
+    "text": "actsparse.data.text",
+    "token_windows": "actsparse.data.text",
+    "capture": "actsparse.measure.capture",
+    "run": "actsparse.measure.capture",
+    "profile": "actsparse.measure.profile",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'actsparse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
