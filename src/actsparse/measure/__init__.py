@@ -1,0 +1,5 @@
+"""Capture sessions, streaming accumulators and sparsity metrics."""
+from actsparse.measure.accumulators import DEFAULT_EPS, SiteStats
+from actsparse.measure.capture import capture, resolve_sites, run
+
+__all__ = ["DEFAULT_EPS", "SiteStats", "capture", "resolve_sites", "run"]
