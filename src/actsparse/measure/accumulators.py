@@ -12,163 +12,228 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
+
+from actsparse.measure import fused
 
 DEFAULT_EPS = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5)
 
-# Histogram of |v|: bin 0 holds exact zeros; then log-spaced bins from HIST_LO to HIST_HI
-# with HIST_PER_DECADE bins per decade; one underflow bin (0, HIST_LO) and one overflow bin.
-HIST_LO_EXP, HIST_HI_EXP, HIST_PER_DECADE = -6, 4, 128
-HIST_LOG_BINS = (HIST_HI_EXP - HIST_LO_EXP) * HIST_PER_DECADE
-HIST_BINS = HIST_LOG_BINS + 3  # zero, underflow, log bins, overflow
+# Histogram of |v| over all neurons of a site, read straight off the float32 bit pattern:
+# the exponent and the top HIST_MANTISSA_BITS mantissa bits of |v| form a log-linear bin
+# index (32 bins per octave, about 2% wide), so binning costs two integer ops per value.
+# Bin 0 holds |v| < 2**HIST_MIN_EXP (zeros included); the last bin everything >= 2**HIST_MAX_EXP.
+HIST_MANTISSA_BITS = 5
+HIST_MIN_EXP, HIST_MAX_EXP = -24, 16
+_PER_OCTAVE = 1 << HIST_MANTISSA_BITS
+_SHIFT = 23 - HIST_MANTISSA_BITS
+_BASE = (HIST_MIN_EXP + 127) * _PER_OCTAVE  # bit-index of 2**HIST_MIN_EXP
+HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * _PER_OCTAVE + 2
 
 
-def hist_edges() -> torch.Tensor:
-    """Upper edges of bins 1..HIST_BINS-2 (underflow + log bins), float64."""
-    exps = torch.arange(0, HIST_LOG_BINS + 1, dtype=torch.float64) / HIST_PER_DECADE + HIST_LO_EXP
-    return torch.pow(10.0, exps)
+def hist_lower_edges() -> torch.Tensor:
+    """Lower edge of every histogram bin (float64); bin 0 starts at 0."""
+    j = torch.arange(HIST_BINS - 1, dtype=torch.int64) + _BASE  # bins 1..HIST_BINS-1
+    octave = torch.div(j, _PER_OCTAVE, rounding_mode="floor") - 127
+    frac = (j % _PER_OCTAVE).double() / _PER_OCTAVE
+    lower = torch.pow(2.0, octave.double()) * (1.0 + frac)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), lower])
 
 
 def hist_bin_index(absv: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each |v| (float tensor, finite, >= 0)."""
-    logv = torch.log10(absv.clamp_min(1e-30))
-    idx = torch.floor((logv - HIST_LO_EXP) * HIST_PER_DECADE).to(torch.int64) + 2
-    idx = idx.clamp_(1, HIST_BINS - 1)
-    idx[absv < 10.0**HIST_LO_EXP] = 1
-    idx[absv == 0] = 0
-    return idx
+    """Histogram bin of each |v| (float32 tensor, finite, >= 0), as int64."""
+    bits = absv.to(torch.float32).contiguous().view(torch.int32)
+    idx = torch.bitwise_right_shift(bits, _SHIFT) - (_BASE - 1)
+    return idx.clamp_(0, HIST_BINS - 1).to(torch.int64)
+
+
+def _column_bincount(codes: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """Per-column histogram of small integer ``codes`` (rows, width) -> (width, n_codes)."""
+    width = codes.shape[1]
+    offsets = torch.arange(width, dtype=torch.int64) * n_codes
+    flat = (codes.to(torch.int64) + offsets).reshape(-1)
+    return torch.bincount(flat, minlength=width * n_codes).reshape(width, n_codes)
+
+
+def _use_numba(backend: str | None) -> bool:
+    if backend not in (None, "numba", "torch"):
+        raise ValueError(f"backend must be 'numba', 'torch' or None, got {backend!r}")
+    if backend == "torch":
+        return False
+    enabled = fused.numba_enabled()
+    if backend == "numba" and not enabled:
+        raise RuntimeError("numba backend requested but numba is missing or ACTSPARSE_DISABLE_NUMBA is set")
+    return enabled
 
 
 @dataclass
 class SiteStats:
-    """Running statistics of one site. Per-neuron arrays have length ``width``."""
+    """Running statistics of one site. Per-neuron arrays have length ``width``.
+
+    Counts are int64 and exact. Sums are float64 accumulations of per-batch float32 column
+    sums, so merging is exact up to float64 rounding.
+    """
 
     width: int
     eps: tuple[float, ...] = DEFAULT_EPS
-    rows: int = 0  # rows seen (after masking)
-    count: torch.Tensor = field(default=None)  # per neuron: finite values seen
-    nonzero: torch.Tensor = field(default=None)  # v != 0
-    positive: torch.Tensor = field(default=None)  # v > 0
-    le_eps: torch.Tensor = field(default=None)  # (len(eps), width): |v| <= eps
-    abs_sum: torch.Tensor = field(default=None)
-    sum: torch.Tensor = field(default=None)
-    sq_sum: torch.Tensor = field(default=None)
-    neg_sum: torch.Tensor = field(default=None)  # sum of v over v < 0
-    neg_sq_sum: torch.Tensor = field(default=None)
-    pos_sq_sum: torch.Tensor = field(default=None)
-    row_nonzero_frac_sum: float = 0.0  # sum over rows of (nonzeros in row / width)
-    hist: torch.Tensor = field(default=None)  # HIST_BINS counts of |v|, all neurons
-    nonfinite: int = 0
-    # temporal statistics over consecutive rows of one sequence
-    pairs: int = 0  # consecutive (t-1, t) row pairs seen
-    delta_le_eps: torch.Tensor = field(default=None)  # (len(eps), width): |v_t - v_{t-1}| <= eps
-    delta_zero: torch.Tensor = field(default=None)  # per neuron: v_t == v_{t-1}
-    both_active: torch.Tensor = field(default=None)  # per neuron: active at t-1 and t
-    run_starts: torch.Tensor = field(default=None)  # per neuron: active at t, not at t-1 (or t first)
-    flow_active: torch.Tensor = field(default=None)  # per neuron: active rows counted for flow
+    rows: int = 0  # rows (tokens) seen after masking
+    nonfinite: int = 0  # NaN / inf entries: counted, then excluded from everything else
+    count: torch.Tensor = None  # per neuron: finite values seen
+    nonzero: torch.Tensor = None  # v != 0
+    positive: torch.Tensor = None  # v > 0
+    le_eps: torch.Tensor = None  # (len(eps), width): |v| <= eps
+    abs_sum: torch.Tensor = None
+    sum: torch.Tensor = None
+    sq_sum: torch.Tensor = None
+    pos_sum: torch.Tensor = None  # sum of v over v > 0
+    pos_sq_sum: torch.Tensor = None
+    hist: torch.Tensor = None  # HIST_BINS counts of |v| over all neurons
+    # temporal statistics over consecutive valid tokens of one sequence
+    pairs: int = 0  # (t-1, t) token pairs seen
+    delta_zero: torch.Tensor = None  # per neuron: v_t == v_{t-1}
+    delta_le_eps: torch.Tensor = None  # (len(eps), width): |v_t - v_{t-1}| <= eps
+    flow_active: torch.Tensor = None  # per neuron: tokens with |v| > flow threshold
+    both_active: torch.Tensor = None  # per neuron: active at t-1 and at t
 
-    _PER_NEURON = ("count", "nonzero", "positive", "abs_sum", "sum", "sq_sum", "neg_sum", "neg_sq_sum",
-                   "pos_sq_sum", "delta_zero", "both_active", "run_starts", "flow_active")
+    _FLOAT = ("abs_sum", "sum", "sq_sum", "pos_sum", "pos_sq_sum")
+    _INT = ("count", "nonzero", "positive", "delta_zero", "flow_active", "both_active")
     _PER_EPS = ("le_eps", "delta_le_eps")
-    _INT = ("count", "nonzero", "positive", "le_eps", "hist", "delta_le_eps", "delta_zero", "both_active",
-            "run_starts", "flow_active")
 
     def __post_init__(self):
-        self.eps = tuple(float(e) for e in self.eps)
-        for name in self._PER_NEURON:
+        self.eps = tuple(sorted(float(e) for e in self.eps))
+        if any(e <= 0 for e in self.eps):
+            raise ValueError(f"eps values must be > 0, got {self.eps}")
+        for name in self._FLOAT:
             if getattr(self, name) is None:
-                dtype = torch.int64 if name in self._INT else torch.float64
-                setattr(self, name, torch.zeros(self.width, dtype=dtype))
+                setattr(self, name, torch.zeros(self.width, dtype=torch.float64))
+        for name in self._INT:
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.width, dtype=torch.int64))
         for name in self._PER_EPS:
             if getattr(self, name) is None:
                 setattr(self, name, torch.zeros(len(self.eps), self.width, dtype=torch.int64))
         if self.hist is None:
             self.hist = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self._bounds = torch.tensor((0.0,) + self.eps, dtype=torch.float32)
+
+    @property
+    def run_starts(self) -> torch.Tensor:
+        """Per neuron: active tokens not preceded by an active token of the same sequence."""
+        return self.flow_active - self.both_active
 
     # ----------------------------------------------------------------- updates
+    def _eps_codes(self, absv: torch.Tensor) -> torch.Tensor:
+        """0 for exact zeros, i for eps[i-2] < |v| <= eps[i-1], len(eps)+1 above all eps."""
+        return torch.bucketize(absv, self._bounds)
+
     @torch.no_grad()
-    def update(self, values: torch.Tensor) -> None:
-        """Add rows of ``values`` (rows, width). Non-finite entries are counted, then ignored."""
+    def update(self, values: torch.Tensor, *, backend: str | None = None) -> None:
+        """Add rows of ``values`` (rows, width). Non-finite entries are counted, then ignored.
+
+        ``backend``: "numba" (one fused pass), "torch" (reference), or None for numba when
+        available."""
         if values.ndim != 2 or values.shape[1] != self.width:
             raise ValueError(f"expected (rows, {self.width}) values, got {tuple(values.shape)}")
-        if values.shape[0] == 0:
+        if _use_numba(backend):
+            v = values.detach().to(torch.float32).cpu()
+            fused.reduce_into(self, v.numpy()[None], np.ones((1, v.shape[0]), dtype=np.bool_),
+                              temporal=False, flow_threshold=0.0)
+            return
+        self._update_torch(values)
+
+    def _update_torch(self, values: torch.Tensor) -> None:
+        n_rows = values.shape[0]
+        if n_rows == 0:
             return
         v = values.detach().to(torch.float32)
-        finite = torch.isfinite(v)
-        n_bad = int(v.numel() - finite.sum())
+        bad = ~torch.isfinite(v)
+        n_bad = int(bad.sum())
+        bad_per_col = None
         if n_bad:
             self.nonfinite += n_bad
-            v = torch.where(finite, v, torch.zeros((), dtype=v.dtype))
+            bad_per_col = bad.sum(0, dtype=torch.int64)
+            v = v.masked_fill(bad, 0.0)
         absv = v.abs()
-        self.rows += v.shape[0]
-        fin = finite if n_bad else None
-
-        def count(mask: torch.Tensor) -> torch.Tensor:
-            if fin is not None:
-                mask = mask & fin
-            return mask.sum(0, dtype=torch.int64)
-
-        self.count += count(torch.ones_like(finite)) if fin is not None else v.shape[0]
-        nz = v != 0
-        self.nonzero += count(nz)
-        self.positive += count(v > 0)
-        for i, e in enumerate(self.eps):
-            self.le_eps[i] += count(absv <= e)
-        vd = v.double()
-        self.abs_sum += absv.double().sum(0)
-        self.sum += vd.sum(0)
-        sq = vd * vd
-        self.sq_sum += sq.sum(0)
-        neg = v < 0
-        self.neg_sum += torch.where(neg, vd, 0.0).sum(0)
-        self.neg_sq_sum += torch.where(neg, sq, 0.0).sum(0)
-        self.pos_sq_sum += torch.where(v > 0, sq, 0.0).sum(0)
-        nz_fin = nz if fin is None else nz & fin
-        self.row_nonzero_frac_sum += float(nz_fin.sum(1, dtype=torch.float64).sum() / self.width)
-        if fin is not None:
-            absv = absv[fin]
-        self.hist += torch.bincount(hist_bin_index(absv.reshape(-1)), minlength=HIST_BINS)
+        self.rows += n_rows
+        n_codes = len(self.eps) + 2
+        codes = self._eps_codes(absv)
+        codes += (v > 0).to(codes.dtype) * n_codes
+        per_col = _column_bincount(codes, 2 * n_codes)
+        by_abs = per_col[:, :n_codes] + per_col[:, n_codes:]
+        if bad_per_col is not None:
+            by_abs[:, 0] -= bad_per_col  # cleaned entries were counted as zeros
+        le = torch.cumsum(by_abs, 1)  # le[:, j] = count of code <= j
+        count = le[:, -1]
+        self.count += count
+        self.nonzero += count - by_abs[:, 0]
+        self.positive += per_col[:, n_codes:].sum(1)
+        self.le_eps += le[:, 1:-1].T
+        self.abs_sum += absv.sum(0).double()
+        self.sum += v.sum(0).double()
+        self.sq_sum += (v * v).sum(0).double()
+        pos = v.clamp_min(0.0)
+        self.pos_sum += pos.sum(0).double()
+        self.pos_sq_sum += (pos * pos).sum(0).double()
+        hist = torch.bincount(hist_bin_index(absv).reshape(-1), minlength=HIST_BINS)
+        if n_bad:
+            hist[0] -= n_bad
+        self.hist += hist
 
     @torch.no_grad()
     def update_sequence(self, values: torch.Tensor, valid: torch.Tensor | None = None, *,
-                        flow_threshold: float = 0.0) -> None:
-        """Add one batch of sequences ``(batch, time, width)``; ``valid`` (batch, time) masks padding.
+                        flow_threshold: float = 0.0, backend: str | None = None) -> None:
+        """Add a batch of sequences ``(batch, time, width)``; ``valid`` (batch, time) masks padding.
 
-        Updates the per-row statistics and the temporal ones (deltas between consecutive
-        valid tokens of the same sequence, activation runs).
+        Updates the per-token statistics and the temporal ones: deltas between consecutive
+        valid tokens of the same sequence, and activation runs (``|v| > flow_threshold``).
         """
         if values.ndim != 3:
             raise ValueError(f"expected (batch, time, width) values, got {tuple(values.shape)}")
-        v = values.detach().to(torch.float32)
-        if valid is None:
-            valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
-        valid = valid.to(torch.bool)
-        self.update(v[valid])
-        if v.shape[1] < 1:
+        if values.shape[-1] != self.width:
+            raise ValueError(f"expected width {self.width}, got {tuple(values.shape)}")
+        v = values.detach().to(torch.float32).cpu()
+        if _use_numba(backend):
+            if valid is None:
+                valid = torch.ones(v.shape[:2], dtype=torch.bool)
+            fused.reduce_into(self, v.numpy(), valid.cpu().to(torch.bool).numpy(),
+                              temporal=True, flow_threshold=flow_threshold)
             return
-        finite = torch.isfinite(v)
-        v = torch.where(finite, v, torch.zeros((), dtype=v.dtype))
-        active = (v.abs() > flow_threshold) & finite & valid[..., None]
+        all_valid = valid is None or bool(valid.all())
+        if all_valid:
+            self._update_torch(v.reshape(-1, v.shape[-1]))
+            valid = torch.ones(v.shape[:2], dtype=torch.bool)
+        else:
+            valid = valid.to(torch.bool)
+            self._update_torch(v[valid])
+        bad = ~torch.isfinite(v)
+        has_bad = bool(bad.any())
+        if has_bad:
+            v = v.masked_fill(bad, 0.0)
+        ok = valid[..., None] if not has_bad else valid[..., None] & ~bad
+        active = v.abs() > flow_threshold
+        if not all_valid or has_bad:
+            active &= ok
         self.flow_active += active.sum((0, 1), dtype=torch.int64)
-        prev_active = torch.zeros_like(active)
-        prev_active[:, 1:] = active[:, :-1]
-        pair = valid[:, 1:] & valid[:, :-1]
-        # a run starts where a neuron is active and was not active on the previous token
-        starts = active & ~(prev_active & torch.cat([torch.zeros_like(valid[:, :1]), pair], 1)[..., None])
-        self.run_starts += starts.sum((0, 1), dtype=torch.int64)
         if v.shape[1] < 2:
             return
-        both_fin = (finite[:, 1:] & finite[:, :-1]) & pair[..., None]
-        delta = (v[:, 1:] - v[:, :-1]).abs()
-        self.pairs += int(pair.sum())
-        for i, e in enumerate(self.eps):
-            self.delta_le_eps[i] += ((delta <= e) & both_fin).sum((0, 1), dtype=torch.int64)
-        self.delta_zero += ((delta == 0) & both_fin).sum((0, 1), dtype=torch.int64)
-        self.both_active += (active[:, 1:] & active[:, :-1] & pair[..., None]).sum((0, 1), dtype=torch.int64)
+        linked = valid[:, 1:] & valid[:, :-1]
+        self.pairs += int(linked.sum())
+        pair_ok = linked[..., None]
+        if has_bad:
+            pair_ok = pair_ok & ok[:, 1:] & ok[:, :-1]
+        self.both_active += (active[:, 1:] & active[:, :-1]).sum((0, 1), dtype=torch.int64)
+        n_codes = len(self.eps) + 2
+        codes = self._eps_codes((v[:, 1:] - v[:, :-1]).abs())
+        if not all_valid or has_bad:
+            codes = torch.where(pair_ok, codes, n_codes)  # excluded pairs get their own code
+        per_col = _column_bincount(codes.reshape(-1, self.width), n_codes + 1)
+        le = torch.cumsum(per_col[:, :n_codes], 1)
+        self.delta_zero += per_col[:, 0]
+        self.delta_le_eps += le[:, 1:-1].T
 
     # ----------------------------------------------------------------- merging
     def merge(self, other: "SiteStats") -> "SiteStats":
-        """Add ``other`` into self (exact: all fields are sums or counts)."""
+        """Add ``other`` into self (all fields are sums or counts)."""
         if other.width != self.width or other.eps != self.eps:
             raise ValueError(
                 f"cannot merge statistics of width {other.width} / eps {other.eps} into width "
@@ -181,8 +246,7 @@ class SiteStats:
         return self
 
     def copy(self) -> "SiteStats":
-        out = SiteStats(self.width, self.eps)
-        return out.merge(self)
+        return SiteStats(self.width, self.eps).merge(self)
 
     # ----------------------------------------------------------- serialisation
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -194,74 +258,69 @@ class SiteStats:
             elif f.name == "eps":
                 out[prefix + f.name] = torch.tensor(value, dtype=torch.float64)
             else:
-                dtype = torch.float64 if isinstance(value, float) else torch.int64
-                out[prefix + f.name] = torch.tensor([value], dtype=dtype)
+                out[prefix + f.name] = torch.tensor([int(value)], dtype=torch.int64)
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> "SiteStats":
-        eps = tuple(tensors[prefix + "eps"].tolist())
-        width = int(tensors[prefix + "count"].numel())
+        missing = [f.name for f in fields(cls) if f.name != "width" and prefix + f.name not in tensors]
+        if missing:
+            raise KeyError(f"statistics are missing {', '.join(prefix + m for m in missing)}")
         kwargs = {}
         for f in fields(cls):
-            if f.name in ("width", "eps"):
+            if f.name == "width":
                 continue
-            t = tensors.get(prefix + f.name)
-            if t is None:
-                raise KeyError(f"statistics file is missing {prefix + f.name!r}")
-            if f.type in ("int", int):
+            t = tensors[prefix + f.name]
+            if f.name == "eps":
+                kwargs["eps"] = tuple(t.tolist())
+            elif t.ndim == 1 and t.numel() == 1 and f.name in ("rows", "nonfinite", "pairs"):
                 kwargs[f.name] = int(t.item())
-            elif f.type in ("float", float):
-                kwargs[f.name] = float(t.item())
             else:
                 kwargs[f.name] = t.clone()
-        return cls(width=width, eps=eps, **kwargs)
+        return cls(width=int(kwargs["count"].numel()), **kwargs)
 
     # ------------------------------------------------------------- quantiles
     def abs_quantile(self, q: float) -> float:
-        """The q-quantile of |v| over all neurons, from the histogram (log-linear within a bin).
-
-        Returns 0.0 when at least a fraction q of the values are exact zeros.
-        """
+        """The q-quantile of |v| over all neurons, from the histogram (linear within a bin,
+        about 2% resolution). Returns 0.0 when at least a fraction q of the values are 0."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {q}")
         total = int(self.hist.sum())
         if total == 0:
             raise ValueError("no values captured: cannot compute a quantile")
-        cum = torch.cumsum(self.hist, 0).double() / total
-        b = int(torch.searchsorted(cum, torch.tensor([q], dtype=torch.float64)).item())
-        b = min(b, HIST_BINS - 1)
-        if b == 0:
+        zeros = total - int(self.nonzero.sum())
+        if q * total <= zeros:
             return 0.0
-        edges = hist_edges()
-        if b == 1:
-            lo, hi = 0.0, float(edges[0])
-            prev = float(cum[0])
-        elif b == HIST_BINS - 1:
-            return float(edges[-1])
-        else:
-            lo, hi = float(edges[b - 2]), float(edges[b - 1])
-            prev = float(cum[b - 1])
-        frac = (q - prev) / max(float(cum[b]) - prev, 1e-300)
-        frac = min(max(frac, 0.0), 1.0)
-        if lo == 0.0:
-            return hi * frac
-        return lo * (hi / lo) ** frac
+        cum = torch.cumsum(self.hist, 0).double()
+        target = q * total
+        b = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64)).item())
+        b = min(b, HIST_BINS - 1)
+        lower = hist_lower_edges()
+        if b == HIST_BINS - 1:
+            return float(lower[-1])
+        lo, hi = float(lower[b]), float(lower[b + 1])
+        prev = float(cum[b - 1]) if b > 0 else 0.0
+        if b == 0:
+            prev = float(zeros)  # zeros sit at the bottom of bin 0
+        frac = (target - prev) / max(float(cum[b]) - prev, 1e-300)
+        return lo + min(max(frac, 0.0), 1.0) * (hi - lo)
 
     def frac_abs_le(self, t: float) -> float:
-        """Fraction of values with |v| <= t, estimated from the histogram (exact at bin edges)."""
+        """Fraction of values with |v| <= t, from the histogram (linear within a bin)."""
         total = int(self.hist.sum())
         if total == 0:
             return math.nan
+        zeros = total - int(self.nonzero.sum())
         if t <= 0:
-            return float(self.hist[0]) / total
-        edges = hist_edges()
-        # bins whose upper edge is <= t are fully included
-        k = int(torch.searchsorted(edges, torch.tensor([t], dtype=torch.float64), right=True).item())
-        full = int(self.hist[: k + 1].sum())
-        if k >= len(edges):
-            return full / total
-        lo = 0.0 if k == 0 else float(edges[k - 1])
-        hi = float(edges[k])
-        part = (math.log(t / lo) / math.log(hi / lo)) if lo > 0 else t / hi
-        return (full + part * float(self.hist[k + 1])) / total
+            return zeros / total
+        lower = hist_lower_edges()
+        b = int(hist_bin_index(torch.tensor([t], dtype=torch.float32)).item())
+        below = float(self.hist[:b].sum())
+        if b == HIST_BINS - 1:
+            return (below + float(self.hist[b])) / total
+        lo, hi = float(lower[b]), float(lower[b + 1])
+        in_bin = float(self.hist[b])
+        if b == 0:
+            in_bin -= zeros
+            below += zeros
+        return (below + in_bin * min(max((t - lo) / (hi - lo), 0.0), 1.0)) / total

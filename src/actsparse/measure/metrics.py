@@ -36,8 +36,9 @@ def threshold_sparsity(st: SiteStats, eps: float) -> float:
 
 
 def nonzero_per_token(st: SiteStats) -> float:
-    """Per token, nonzeros / width, averaged over tokens (Lazy Neuron's % nonzero)."""
-    return _safe_div(st.row_nonzero_frac_sum, st.rows)
+    """Per token, nonzeros / width, averaged over tokens (Lazy Neuron's % nonzero).
+    With a fixed width this equals the nonzero fraction over all (finite) entries."""
+    return _safe_div(float(st.nonzero.sum()), _total(st))
 
 
 def dynamic_dead_rate(st: SiteStats) -> float:
@@ -128,11 +129,11 @@ def relu_balance(st: SiteStats) -> dict:
     n_neg = float((st.nonzero - st.positive).sum())
     if n_pos == 0 or n_neg == 0:
         return {"r_mean": 0.0, "r_var": 0.0, "active_frac": _safe_div(n_pos, _total(st))}
-    pos_sum = float((st.sum - st.neg_sum).sum())
-    neg_sum = float(st.neg_sum.sum())
+    pos_sum = float(st.pos_sum.sum())
+    neg_sum = float((st.sum - st.pos_sum).sum())
     m_pos, m_neg = pos_sum / n_pos, neg_sum / n_neg
     v_pos = max(float(st.pos_sq_sum.sum()) / n_pos - m_pos**2, 0.0)
-    v_neg = max(float(st.neg_sq_sum.sum()) / n_neg - m_neg**2, 0.0)
+    v_neg = max(float((st.sq_sum - st.pos_sq_sum).sum()) / n_neg - m_neg**2, 0.0)
 
     def fold(a: float, b: float) -> float:
         if a == 0 or b == 0:

