@@ -266,7 +266,7 @@ class SweepConfig:
                 for m in self.models for h in self.hosts for s in self.seeds for a in self.aps]
 
 
-QUICK = SweepConfig(models=("mlp", "cnn"), hosts=tuple(HOSTS), aps=(0.0, 0.02), seeds=(0, 1, 2), cycles=2,
+QUICK = SweepConfig(models=("mlp", "cnn"), hosts=tuple(HOSTS), aps=(0.0, 0.02), seeds=(0,), cycles=2,
                     synflow_rounds=10, train=TrainConfig(epochs=1, dnr_samples=64), model_epochs=())
 
 
