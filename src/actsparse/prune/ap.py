@@ -142,6 +142,7 @@ class CycleResult:
     ap_pruned: int
     survivors_after: int
     total: int
+    host_fill: int = 0  # weights the host removed because AP found too few negative survivors
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -149,14 +150,16 @@ class CycleResult:
 
 def prune_cycle(model: nn.Module, host: Host, *, rate: float | None = None, ap: float = 0.0,
                 n_host: int | None = None, n_ap: int | None = None, w_start=None, w_end=None,
-                batch=None, parameters: Sequence[Param] | None = None) -> CycleResult:
+                batch=None, parameters: Sequence[Param] | None = None, fill_shortfall: bool = True) -> CycleResult:
     """One pruning step: the host removes ``n_host`` survivors, then AP ``n_ap``.
 
     Give ``rate`` and ``ap`` (fractions of the current survivors, see ``split_counts``)
     or the exact counts ``n_host`` / ``n_ap``. ``w_start`` (weights at the start of the
     cycle) is required when AP removes anything; ``w_end`` defaults to the weights as
     they are *before* the host prunes (so hosts that score at a rewind point can be
-    combined: pass the trained weights here).
+    combined: pass the trained weights here). If AP finds fewer than ``n_ap`` negative
+    survivors, the host removes the shortfall (``fill_shortfall``), so the cycle always
+    removes ``n_host + n_ap`` weights.
     """
     params = resolve_parameters(model, parameters)
     ensure_pruned(params)
@@ -176,10 +179,12 @@ def prune_cycle(model: nn.Module, host: Host, *, rate: float | None = None, ap: 
     end = (_aligned(model, params, w_end, "w_end") if w_end is not None
            else [effective_weight(m, n) for m, n in params])
     hres = host.prune(model, n_host, parameters=params, batch=batch)
-    ap_pruned = 0
+    ap_pruned = fill = 0
     if n_ap:
         ap_pruned = ap_prune(model, n_ap, w_start, w_end=end, parameters=params).pruned
-    return CycleResult(before, hres.pruned, n_ap, ap_pruned, count_surviving(params), count_total(params))
+        if fill_shortfall and ap_pruned < n_ap:
+            fill = host.prune(model, n_ap - ap_pruned, parameters=params, batch=batch).pruned
+    return CycleResult(before, hres.pruned, n_ap, ap_pruned, count_surviving(params), count_total(params), fill)
 
 
 class ActivatingWhilePruning(prune.BasePruningMethod):

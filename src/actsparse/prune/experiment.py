@@ -6,8 +6,9 @@ rewinds and retrains ``epochs`` epochs, recording test accuracy, DNR and static 
 neurons at every level and DNR after every epoch. Orchestration by host:
 
 - ``magnitude``: one-shot. Level c is reached in one step from the trained dense net
-  (same remaining count as the iterative schedule; AP's share is the sum of the
-  per-cycle ``floor(ap * S)`` counts; movement = dense training), then rewound and trained.
+  (same remaining count as the iterative schedule; AP removes ``floor(ap * S_{c-1})``,
+  the share it has in the last iterative step; movement = dense training), then rewound
+  and trained.
 - ``imp``, ``random``: iterative; score the trained weights, prune, rewind, retrain.
 - ``snip``, ``grasp``, ``synflow``: iterative pruning at the rewind point: rewind first,
   score there (with the current mask), prune; AP uses the movement of the cycle just
@@ -46,7 +47,7 @@ from actsparse.prune.hosts import (HOSTS, count_surviving, count_total, ensure_p
 from actsparse.prune.nets import MODELS, build_model
 from actsparse.prune.training import TrainConfig, evaluate, train
 
-RUN_FORMAT = 1
+RUN_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,14 @@ def run_pruning(cfg: RunConfig, work_dir: str | os.PathLike, *, data=None, progr
 
     for c in range(start, cfg.cycles + 1):
         t0 = time.time()
-        counts = {"host_pruned": 0, "ap_requested": 0, "ap_pruned": 0}
+        counts = {"host_pruned": 0, "ap_requested": 0, "ap_pruned": 0, "host_fill": 0}
         if c > 0:
             host = get_host(cfg.host, **_host_kwargs(cfg, c))
             w_start_model = None
             if oneshot:
                 _load(model, dense_sd)  # trained dense net, all-ones masks
-                n_ap = sum(int(math.floor(cfg.ap * sched[j - 1] + 1e-9)) for j in range(1, c + 1))
+                # AP's share is that of the last iterative step: floor(ap * S_{c-1})
+                n_ap = int(math.floor(cfg.ap * sched[c - 1] + 1e-9))
                 n_host = (total - sched[c]) - n_ap
             else:
                 n_host, n_ap = split_counts(sched[c - 1], cfg.rate, cfg.ap)
@@ -177,7 +179,8 @@ def run_pruning(cfg: RunConfig, work_dir: str | os.PathLike, *, data=None, progr
                 _load(model, cur)
             res = prune_cycle(model, host, n_host=n_host, n_ap=n_ap, w_start=w_start, w_end=w_end,
                               batch=score_batch, parameters=params)
-            counts = {"host_pruned": res.host_pruned, "ap_requested": res.ap_requested, "ap_pruned": res.ap_pruned}
+            counts = {"host_pruned": res.host_pruned, "ap_requested": res.ap_requested, "ap_pruned": res.ap_pruned,
+                      "host_fill": res.host_fill}
             _load(model, rewind_sd, masks=False)  # rewind survivors (masks stay)
         survivors = count_surviving(params)
         if survivors != sched[c]:
@@ -390,7 +393,10 @@ def run_sweep(sweep: SweepConfig, out_dir: str | os.PathLike, work_dir: str | os
 
 NOTES = [
     "rate p per cycle; AP count n_ap = floor(a * S), host count floor(p * S) - n_ap, S = survivors at cycle start",
-    "AP picks negative surviving weights with least |w_end - w_start| globally, ties by flat index",
+    "AP picks negative surviving weights with least |w_end - w_start| globally, ties by flat index;"
+    " if fewer negative survivors exist the host removes the shortfall (host_fill), so AP on/off"
+    " always reach the same remaining count",
+    "magnitude is one-shot from the trained dense net to each level; AP then removes floor(a * S_{c-1})",
     "dnr: zeros / outputs pooled over all ReLU layers on the full training split at the end of each level;"
     " per-epoch dnr on the first train.dnr_samples training inputs",
     "static_dead_frac: ReLU neurons (conv: channels) never > 0 over the training split / all ReLU neurons",

@@ -322,6 +322,10 @@ def synflow_scores(model: nn.Module, params: Sequence[Param], masks: Sequence[to
     if not shape:
         raise ConfigError("synflow needs the input shape: set model.input_shape or pass input_shape=")
     index = {id(m): i for i, m in enumerate(model.modules())}
+    with torch.no_grad():  # prune's cached ``weight`` may be a graph node, which deepcopy refuses
+        for m, n in params:
+            if hasattr(m, n + "_orig") and hasattr(m, n + "_mask"):
+                setattr(m, n, getattr(m, n + "_orig") * getattr(m, n + "_mask"))
     twin = copy.deepcopy(model).double().eval()
     tmods = list(twin.modules())
     tparams = [(tmods[index[id(m)]], n) for m, n in params]
