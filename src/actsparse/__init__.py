@@ -18,6 +18,9 @@ _LAZY = {
     "capture": "actsparse.measure.capture",
     "run": "actsparse.measure.capture",
     "profile": "actsparse.measure.profile",
+    "Profile": "actsparse.measure.profile",
+    "SiteStats": "actsparse.measure.accumulators",
+    "metrics": "actsparse.measure",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -214,7 +214,7 @@ class capture:
 
 
 @torch.no_grad()
-def run(model: nn.Module, batches, *, progress: bool = True, desc: str = "forward") -> int:
+def run(model: nn.Module, batches, *, progress: bool = True, desc: str = "forward", total: int | None = None) -> int:
     """Feed token batches through ``model`` (for use inside a capture). Returns tokens seen.
 
     ``batches`` yields dicts with ``input_ids`` and ``attention_mask`` (see
@@ -226,7 +226,9 @@ def run(model: nn.Module, batches, *, progress: bool = True, desc: str = "forwar
 
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     tokens = 0
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, total=total):
         if isinstance(batch, torch.Tensor):
             batch = {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-CHUNK = 64
+CHUNK = 256
 
 
 def numba_enabled() -> bool:
@@ -39,6 +39,47 @@ def _kernel():
     numba = _import_numba()
     prange = numba.prange
 
+    @numba.njit(cache=True, fastmath=False, boundscheck=False, inline="always")
+    def reduce_row_slow(x, prev, linked, temporal, flow_thr, bounds, shift, base, hist_bins, c0, c1,
+                        count, nonzero, positive, le_eps, abs_sum, vsum, sq_sum, pos_sum, pos_sq_sum,
+                        hist, delta_zero, delta_le, flow_active, both_active):
+        # handles non-finite values: they are counted by the caller and skipped here
+        n_eps = bounds.shape[0]
+        for c in range(c0, c1):
+            xv = x[c]
+            if not np.isfinite(xv):
+                continue
+            a = abs(xv)
+            count[c] += 1
+            if xv != 0.0:
+                nonzero[c] += 1
+            for e in range(n_eps):
+                if a <= bounds[e]:
+                    le_eps[e, c] += 1
+            xd = np.float64(xv)
+            abs_sum[c] += abs(xd)
+            vsum[c] += xd
+            sq_sum[c] += xd * xd
+            if xv > 0.0:
+                positive[c] += 1
+                pos_sum[c] += xd
+                pos_sq_sum[c] += xd * xd
+            h = (np.int64(np.float32(a).view(np.int32)) >> shift) - base
+            hist[min(max(h, 0), hist_bins - 1)] += 1
+            if temporal:
+                act = a > flow_thr
+                if act:
+                    flow_active[c] += 1
+                if linked and np.isfinite(prev[c]):
+                    d = abs(xv - prev[c])
+                    if d == 0.0:
+                        delta_zero[c] += 1
+                    for e in range(n_eps):
+                        if d <= bounds[e]:
+                            delta_le[e, c] += 1
+                    if act and abs(prev[c]) > flow_thr:
+                        both_active[c] += 1
+
     @numba.njit(parallel=True, cache=True, fastmath=False, boundscheck=False)
     def reduce_site(v, bits, valid, temporal, flow_thr, bounds, shift, base, hist_bins,
                     count, nonzero, positive, le_eps, abs_sum, vsum, sq_sum, pos_sum, pos_sq_sum,
@@ -49,53 +90,85 @@ def _kernel():
         for ci in prange(n_chunks):
             c0 = ci * CHUNK
             c1 = min(width, c0 + CHUNK)
+            hist = hist_chunks[ci]
             bad = 0
+            nc = c1 - c0
+            l_rows = 0
+            l_nz = np.zeros(nc, np.int32)
+            l_pos = np.zeros(nc, np.int32)
+            l_abs = np.zeros(nc, np.float64)
+            l_sum = np.zeros(nc, np.float64)
+            l_sq = np.zeros(nc, np.float64)
+            l_psum = np.zeros(nc, np.float64)
+            l_psq = np.zeros(nc, np.float64)
             for b in range(n_b):
                 for t in range(n_t):
                     if not valid[b, t]:
                         continue
+                    x = v[b, t]
+                    xb = bits[b, t]
                     linked = temporal and t > 0 and valid[b, t - 1]
+                    prev = v[b, t - 1] if t > 0 else x
+                    probe = np.float32(0.0)
                     for c in range(c0, c1):
-                        x = v[b, t, c]
-                        if not np.isfinite(x):
-                            bad += 1
-                            continue
-                        a = abs(x)
-                        count[c] += 1
-                        if x != 0.0:
-                            nonzero[c] += 1
-                        for e in range(n_eps):
-                            if a <= bounds[e]:
-                                le_eps[e, c] += 1
-                        xd = np.float64(x)
-                        abs_sum[c] += abs(xd)
-                        vsum[c] += xd
-                        sq_sum[c] += xd * xd
-                        if x > 0.0:
-                            positive[c] += 1
-                            pos_sum[c] += xd
-                            pos_sq_sum[c] += xd * xd
-                        h = ((bits[b, t, c] & 0x7FFFFFFF) >> shift) - base
-                        if h < 0:
-                            h = 0
-                        elif h > hist_bins - 1:
-                            h = hist_bins - 1
-                        hist_chunks[ci, h] += 1
-                        if temporal:
-                            act = a > flow_thr
-                            if act:
-                                flow_active[c] += 1
-                            if linked:
-                                p = v[b, t - 1, c]
-                                if np.isfinite(p):
-                                    d = abs(x - p)
-                                    if d == 0.0:
-                                        delta_zero[c] += 1
-                                    for e in range(n_eps):
-                                        if d <= bounds[e]:
-                                            delta_le[e, c] += 1
-                                    if act and abs(p) > flow_thr:
-                                        both_active[c] += 1
+                        probe += x[c] - x[c]  # NaN iff some value is not finite
+                    if linked:
+                        for c in range(c0, c1):
+                            probe += prev[c] - prev[c]
+                    if not np.isfinite(probe):
+                        for c in range(c0, c1):
+                            if not np.isfinite(x[c]):
+                                bad += 1
+                        reduce_row_slow(x, prev, linked, temporal, flow_thr, bounds, shift, base, hist_bins,
+                                        c0, c1, count, nonzero, positive, le_eps, abs_sum, vsum, sq_sum,
+                                        pos_sum, pos_sq_sum, hist, delta_zero, delta_le, flow_active,
+                                        both_active)
+                        continue
+                    # fast path: every value finite; branch-free loops over chunk-local
+                    # accumulators (no aliasing), which LLVM vectorises
+                    for j in range(nc):
+                        xv = x[c0 + j]
+                        xd = np.float64(xv)
+                        l_nz[j] += np.int32(xv != 0.0)
+                        l_pos[j] += np.int32(xv > 0.0)
+                        l_abs[j] += abs(xd)
+                        l_sum[j] += xd
+                        l_sq[j] += xd * xd
+                        pd = max(xd, 0.0)
+                        l_psum[j] += pd
+                        l_psq[j] += pd * pd
+                    l_rows += 1
+                    for e in range(n_eps):
+                        bound = bounds[e]
+                        row = le_eps[e]
+                        for c in range(c0, c1):
+                            row[c] += abs(x[c]) <= bound
+                    for c in range(c0, c1):
+                        h = ((xb[c] & 0x7FFFFFFF) >> shift) - base
+                        hist[min(max(h, 0), hist_bins - 1)] += 1
+                    if temporal:
+                        for c in range(c0, c1):
+                            flow_active[c] += abs(x[c]) > flow_thr
+                        if linked:
+                            for c in range(c0, c1):
+                                d = abs(x[c] - prev[c])
+                                delta_zero[c] += d == 0.0
+                                both_active[c] += (abs(x[c]) > flow_thr) & (abs(prev[c]) > flow_thr)
+                            for e in range(n_eps):
+                                bound = bounds[e]
+                                row = delta_le[e]
+                                for c in range(c0, c1):
+                                    row[c] += abs(x[c] - prev[c]) <= bound
+            for j in range(nc):
+                c = c0 + j
+                count[c] += l_rows
+                nonzero[c] += l_nz[j]
+                positive[c] += l_pos[j]
+                abs_sum[c] += l_abs[j]
+                vsum[c] += l_sum[j]
+                sq_sum[c] += l_sq[j]
+                pos_sum[c] += l_psum[j]
+                pos_sq_sum[c] += l_psq[j]
             bad_chunks[ci] = bad
 
     return reduce_site
