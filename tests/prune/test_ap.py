@@ -20,22 +20,23 @@ def linear(w):
 
 def hand_example():
     """2x4 weight; start/end chosen so the AP order is known by hand."""
-    end = torch.tensor([[-1.0, 0.5, -0.2, -0.3],
-                        [-0.4, -0.9, 0.7, -0.25]])
-    start = torch.tensor([[-1.1, 0.5, -0.5, -0.3],     # moved .1, (pos), .3, 0
-                          [-0.3, -0.7, 0.1, -0.35]])   # moved .1, .2, (pos), .1
+    # dyadic values so equal movements are exact ties
+    end = torch.tensor([[-1.0, 0.5, -0.25, -0.375],
+                        [-0.5, -0.875, 0.75, -0.125]])
+    start = torch.tensor([[-1.125, 0.5, -0.5, -0.375],    # moved 1/8, (pos), 1/4, 0
+                          [-0.375, -0.625, 0.125, -0.25]])  # moved 1/8, 1/4, (pos), 1/8
     return end, start
 
 
 def test_ap_picks_negative_least_moved_with_flat_index_ties():
     end, start = hand_example()
     model = nn.Sequential(linear(end))
-    # negatives by movement: (0,3)=0 < (0,0)=.1 = (1,0)=.1 = (1,3)=.1 < (1,1)=.2 < (0,2)=.3
+    # negatives by movement: (0,3)=0 < (0,0) = (1,0) = (1,3) = 1/8 < (0,2) = (1,1) = 1/4
     res = ap_prune(model, 3, {"0.weight": start})
     assert res.pruned == 3
     mask = model[0].weight_mask
     expected = torch.ones(2, 4)
-    expected[0, 3] = expected[0, 0] = expected[1, 0] = 0  # ties at .1: flat index 0 before 4 before 7
+    expected[0, 3] = expected[0, 0] = expected[1, 0] = 0  # ties at 1/8: flat index 0, 4 before 7
     assert torch.equal(mask, expected)
     assert model[0].weight[0, 1] == 0.5  # positives untouched
 
@@ -149,7 +150,7 @@ def test_ap_select_properties(seed, count):
     old_f = torch.cat([m.reshape(-1) for m in masks])
     new_f = torch.cat([m.reshape(-1) for m in new])
     e = torch.cat([x.reshape(-1) for x in end])
-    mv = torch.cat([(a - b).abs().reshape(-1) for a, b in zip(end, start)])
+    mv = torch.cat([(a.double() - b.double()).abs().reshape(-1) for a, b in zip(end, start)])
     elig = (old_f > 0) & (e < 0)
     assert k == min(count, int(elig.sum()))
     assert bool((new_f <= old_f).all())  # never revives
