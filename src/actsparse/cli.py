@@ -14,8 +14,10 @@ from actsparse.errors import ActsparseError
 
 # modules that each register one or more sub-commands, in --help order
 COMMAND_MODULES = [
-    "actsparse.commands.profile",
     "actsparse.commands.demo",
+    "actsparse.commands.profile",
+    "actsparse.commands.prune",
+    "actsparse.commands.bench",
 ]
 
 

@@ -124,8 +124,8 @@ def test_relu_balance_matches_numpy():
     rm = pos.mean() / abs(neg.mean())
     rv = pos.var() / neg.var()
     out = metrics.relu_balance(s)
-    assert out["r_mean"] == pytest.approx(min(rm, 1 / rm), rel=1e-6)
-    assert out["r_var"] == pytest.approx(min(rv, 1 / rv), rel=1e-6)
+    assert out["r_mean"] == pytest.approx(min(rm, 1 / rm), rel=1e-4)  # float32 per-batch sums
+    assert out["r_var"] == pytest.approx(min(rv, 1 / rv), rel=1e-4)
 
 
 @pytest.mark.skipif(not __import__("actsparse.measure.fused", fromlist=["x"]).numba_enabled(), reason="numba off")

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-CHUNK = 256
+CHUNK = 128
 
 
 def numba_enabled() -> bool:
@@ -94,71 +94,75 @@ def _kernel():
             bad = 0
             nc = c1 - c0
             l_rows = 0
+            # chunk-local accumulators: int32 / float32 so loops run 8 lanes wide, and no
+            # aliasing with the outputs; flushed into the int64 / float64 fields at the end
             l_nz = np.zeros(nc, np.int32)
             l_pos = np.zeros(nc, np.int32)
-            l_abs = np.zeros(nc, np.float64)
-            l_sum = np.zeros(nc, np.float64)
-            l_sq = np.zeros(nc, np.float64)
-            l_psum = np.zeros(nc, np.float64)
-            l_psq = np.zeros(nc, np.float64)
+            l_le = np.zeros((n_eps, nc), np.int32)
+            l_abs = np.zeros(nc, np.float32)
+            l_sum = np.zeros(nc, np.float32)
+            l_sq = np.zeros(nc, np.float32)
+            l_psum = np.zeros(nc, np.float32)
+            l_psq = np.zeros(nc, np.float32)
+            l_flow = np.zeros(nc, np.int32)
+            l_dz = np.zeros(nc, np.int32)
+            l_both = np.zeros(nc, np.int32)
+            l_dle = np.zeros((n_eps, nc), np.int32)
             for b in range(n_b):
                 for t in range(n_t):
                     if not valid[b, t]:
                         continue
-                    x = v[b, t]
-                    xb = bits[b, t]
+                    x = v[b, t, c0:c1]
+                    xb = bits[b, t, c0:c1]
                     linked = temporal and t > 0 and valid[b, t - 1]
-                    prev = v[b, t - 1] if t > 0 else x
+                    prev = v[b, t - 1, c0:c1] if t > 0 else x
                     probe = np.float32(0.0)
-                    for c in range(c0, c1):
-                        probe += x[c] - x[c]  # NaN iff some value is not finite
-                    if linked:
-                        for c in range(c0, c1):
-                            probe += prev[c] - prev[c]
-                    if not np.isfinite(probe):
-                        for c in range(c0, c1):
-                            if not np.isfinite(x[c]):
-                                bad += 1
-                        reduce_row_slow(x, prev, linked, temporal, flow_thr, bounds, shift, base, hist_bins,
-                                        c0, c1, count, nonzero, positive, le_eps, abs_sum, vsum, sq_sum,
-                                        pos_sum, pos_sq_sum, hist, delta_zero, delta_le, flow_active,
-                                        both_active)
-                        continue
-                    # fast path: every value finite; branch-free loops over chunk-local
-                    # accumulators (no aliasing), which LLVM vectorises
                     for j in range(nc):
-                        xv = x[c0 + j]
-                        xd = np.float64(xv)
+                        probe += x[j] - x[j]  # NaN iff some value is not finite
+                    if linked:
+                        for j in range(nc):
+                            probe += prev[j] - prev[j]
+                    if not np.isfinite(probe):
+                        for j in range(nc):
+                            if not np.isfinite(x[j]):
+                                bad += 1
+                        reduce_row_slow(v[b, t], v[b, t - 1] if t > 0 else v[b, t], linked, temporal, flow_thr,
+                                        bounds, shift, base, hist_bins, c0, c1, count, nonzero, positive, le_eps,
+                                        abs_sum, vsum, sq_sum, pos_sum, pos_sq_sum, hist, delta_zero, delta_le,
+                                        flow_active, both_active)
+                        continue
+                    # fast path: every value finite, branch-free loops that LLVM vectorises
+                    l_rows += 1
+                    for j in range(nc):
+                        xv = x[j]
+                        a = abs(xv)
                         l_nz[j] += np.int32(xv != 0.0)
                         l_pos[j] += np.int32(xv > 0.0)
-                        l_abs[j] += abs(xd)
-                        l_sum[j] += xd
-                        l_sq[j] += xd * xd
-                        pd = max(xd, 0.0)
-                        l_psum[j] += pd
-                        l_psq[j] += pd * pd
-                    l_rows += 1
+                        l_abs[j] += a
+                        l_sum[j] += xv
+                        l_sq[j] += xv * xv
+                        pv = max(xv, np.float32(0.0))
+                        l_psum[j] += pv
+                        l_psq[j] += pv * pv
                     for e in range(n_eps):
                         bound = bounds[e]
-                        row = le_eps[e]
-                        for c in range(c0, c1):
-                            row[c] += abs(x[c]) <= bound
-                    for c in range(c0, c1):
-                        h = ((xb[c] & 0x7FFFFFFF) >> shift) - base
+                        for j in range(nc):
+                            l_le[e, j] += np.int32(abs(x[j]) <= bound)
+                    for j in range(nc):
+                        h = ((xb[j] & 0x7FFFFFFF) >> shift) - base
                         hist[min(max(h, 0), hist_bins - 1)] += 1
                     if temporal:
-                        for c in range(c0, c1):
-                            flow_active[c] += abs(x[c]) > flow_thr
+                        for j in range(nc):
+                            l_flow[j] += np.int32(abs(x[j]) > flow_thr)
                         if linked:
-                            for c in range(c0, c1):
-                                d = abs(x[c] - prev[c])
-                                delta_zero[c] += d == 0.0
-                                both_active[c] += (abs(x[c]) > flow_thr) & (abs(prev[c]) > flow_thr)
+                            for j in range(nc):
+                                d = abs(x[j] - prev[j])
+                                l_dz[j] += np.int32(d == 0.0)
+                                l_both[j] += np.int32((abs(x[j]) > flow_thr) & (abs(prev[j]) > flow_thr))
                             for e in range(n_eps):
                                 bound = bounds[e]
-                                row = delta_le[e]
-                                for c in range(c0, c1):
-                                    row[c] += abs(x[c] - prev[c]) <= bound
+                                for j in range(nc):
+                                    l_dle[e, j] += np.int32(abs(x[j] - prev[j]) <= bound)
             for j in range(nc):
                 c = c0 + j
                 count[c] += l_rows
@@ -169,6 +173,12 @@ def _kernel():
                 sq_sum[c] += l_sq[j]
                 pos_sum[c] += l_psum[j]
                 pos_sq_sum[c] += l_psq[j]
+                flow_active[c] += l_flow[j]
+                delta_zero[c] += l_dz[j]
+                both_active[c] += l_both[j]
+                for e in range(n_eps):
+                    le_eps[e, c] += l_le[e, j]
+                    delta_le[e, c] += l_dle[e, j]
             bad_chunks[ci] = bad
 
     return reduce_site

