@@ -2,7 +2,7 @@
 
 Each function is the dense forward on the masked input, computed in fp32 (or in a
 caller-chosen ``compute_dtype``, e.g. float64 in the tests) and cast to the dtype
-of ``x``. They are also the fallback when numba is missing or disabled, or the
+of ``x`` (or to ``out_dtype``). They are also the fallback when numba is missing or disabled, or the
 dtype is one the numba kernels do not handle (fp16, ...). They are written for
 clarity, not speed.
 """
@@ -60,12 +60,12 @@ def input_mask(x: torch.Tensor, threshold) -> torch.Tensor:
     return x.float().abs() > t
 
 
-def sparse_input_gemv_ref(x, wt, threshold, out=None, *, compute_dtype=torch.float32):
+def sparse_input_gemv_ref(x, wt, threshold, out=None, *, compute_dtype=torch.float32, out_dtype=None):
     """y = F.linear(x * (|x| > t), W) with ``wt`` = W^T (in x out); y has x's dtype."""
     mask = input_mask(x, threshold)
     xm = x.to(compute_dtype) * mask
     y = F.linear(xm, wt.to(compute_dtype).t())
-    return _finish(y, x.dtype, out)
+    return _finish(y, out_dtype or x.dtype, out)
 
 
 def _active_rows(active: torch.Tensor, m: int):
@@ -86,7 +86,7 @@ def _active_rows(active: torch.Tensor, m: int):
     return active != 0, active.float()
 
 
-def sparse_output_gemv_ref(x, w, active, out=None, *, compute_dtype=torch.float32):
+def sparse_output_gemv_ref(x, w, active, out=None, *, compute_dtype=torch.float32, out_dtype=None):
     """Rows i of y = W x where active (others exactly 0).
 
     ``active``: a bool mask (out_features,), an integer tensor of row indices, or
@@ -97,7 +97,7 @@ def sparse_output_gemv_ref(x, w, active, out=None, *, compute_dtype=torch.float3
     if scale is not None:
         y = y * scale.to(compute_dtype)
     y = torch.where(mask, y, torch.zeros((), dtype=compute_dtype))
-    return _finish(y, x.dtype, out)
+    return _finish(y, out_dtype or x.dtype, out)
 
 
 def gated_mlp_step_ref(
@@ -111,6 +111,7 @@ def gated_mlp_step_ref(
     *,
     return_active: bool = False,
     compute_dtype=torch.float32,
+    out_dtype=None,
 ):
     """CATS/CHESS gated MLP for one token, dense on the masked activations:
     a = act(W_gate x); keep |a_i| > t_i; h = a * (W_up x) * keep; y = W_down h."""
@@ -119,7 +120,7 @@ def gated_mlp_step_ref(
     keep = input_mask(a, threshold)
     h = a * F.linear(xc, w_up.to(compute_dtype)) * keep
     y = F.linear(h, wt_down.to(compute_dtype).t())
-    y = _finish(y, x.dtype, out)
+    y = _finish(y, out_dtype or x.dtype, out)
     if return_active:
         return y, int(keep.sum())
     return y

@@ -1,0 +1,51 @@
+"""The hot loops must compile to packed fp32 FMAs on 256-bit registers (AVX2)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from actsparse.kernels import numba_enabled
+
+pytestmark = pytest.mark.skipif(not numba_enabled(), reason="numba kernels disabled or missing")
+
+
+def _host_has_avx2_fma() -> bool:
+    import llvmlite.binding as llvm
+
+    feats = llvm.get_host_cpu_features()
+    return bool(feats.get("avx2")) and bool(feats.get("fma"))
+
+
+def _fresh(fn):
+    """An uncached copy of a kernel (numba refuses to show assembly of cached code)."""
+    import numba
+
+    from actsparse.kernels import numba_cpu as nc
+
+    opts = dict(nc._JIT)
+    opts["cache"] = False
+    return numba.njit(**opts)(fn.py_func)
+
+
+@pytest.mark.parametrize("wdtype", [np.float32, np.uint16], ids=["fp32", "bf16"])
+def test_accumulate_and_dot_use_packed_ymm_fma(wdtype):
+    if not _host_has_avx2_fma():
+        pytest.skip("host CPU has no AVX2+FMA")
+    from actsparse.kernels import numba_cpu as nc
+
+    wt = np.zeros((16, 100), wdtype)
+    idx = np.arange(16, dtype=np.int64)
+    vals = np.ones(16, np.float32)
+    acc = np.empty(100, np.float32)
+    acc_k = _fresh(nc._accumulate)
+    acc_k(wt, idx, vals, 0, 16, acc)
+    dot4 = _fresh(nc._dot4)
+    dot4(wt, 0, 1, 2, 3, np.ones(100, np.float32))
+    for kernel in (acc_k, dot4):
+        asm = "\n".join(kernel.inspect_asm().values())
+        fma = re.findall(r"vfmadd\w*ps[^\n]*%ymm", asm)
+        assert fma, f"{kernel.py_func.__name__}: no packed ymm FMA in the assembly"
+        if wdtype is np.uint16:  # bf16 widening vectorised: zero-extend + shift on vectors
+            assert re.search(r"vpmovzxwd[^\n]*%ymm", asm), "bf16 widening is not vectorised"
