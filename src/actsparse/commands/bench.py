@@ -1,0 +1,150 @@
+"""``actsparse bench``: performance benchmarks, one sub-command each.
+
+To add a benchmark, write ``_register_<name>(bench_sub)`` that adds its parser
+(with ``set_defaults(func=...)``) and append it to ``_BENCHES``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from actsparse.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark kernels and decoding speed",
+        description="Performance benchmarks. Each writes a JSON result (machine info, "
+        "config, raw timings, medians, spreads) and usually a plot.",
+    )
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    for reg in _BENCHES:
+        reg(sub)
+
+    def _no_sub(args) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=_no_sub)
+
+
+# ---------------------------------------------------------------------------
+def _csv(kind):
+    def parse(text):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
+
+
+def _shape(text):
+    try:
+        o, i = text.lower().split("x")
+        return int(o), int(i)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"shape must look like 11008x4096, got {text!r}") from err
+
+
+def _register_kernel(sub) -> None:
+    p = sub.add_parser(
+        "kernel",
+        help="activation-sparse GEMV kernels vs the best dense torch GEMV",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Benchmark the activation-sparse CPU kernels at batch 1 (decode):
+
+  * sparse_input_gemv (TEAL path) on layers (out x in) 5632x2048, 2048x5632,
+    11008x4096, 4096x11008 at sparsity 0, 0.5, 0.7, 0.9, 0.95;
+  * gated_mlp_step (CATS path, SiLU) on a 4096 / 11008 gated MLP at 0, 0.5, 0.7, 0.9,
+    against the best dense gated MLP (3 dense GEMVs + act + mul);
+
+for each dtype (fp32, bf16) and thread count (1, 2). Timing is cold-cache (a
+buffer larger than the L3 is read before every call), implementations and
+sparsities are interleaved in a random order in every repeat, and the speedup is
+taken against the fastest dense torch option for that dtype and thread count
+(F.linear, torch.mv, x @ W^T with the transposed weight, torch.matmul).
+Reported per point: median and p10/p90 time, speedup, speedup as a fraction of
+the ideal 1/(1-s) (MLP: 3/(1+2(1-s))), effective GB/s of the bytes actually read.
+Writes the JSON to --out and a plot next to it (same name, .png).
+The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
+        epilog="example: actsparse bench kernel --quick --out /tmp/kernel.json",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: one layer shape (11008x4096), s in {0, 0.5, 0.9}, "
+                   "5 repeats, MLP at s in {0, 0.5, 0.9}")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per implementation and sparsity (default 21; 5 with --quick)")
+    p.add_argument("--threads", type=_csv(int), default=None, metavar="N[,N]",
+                   help="thread counts to run, comma separated (default 1,2)")
+    p.add_argument("--dtypes", type=_csv(str), default=None, metavar="D[,D]",
+                   help="weight/activation dtypes: fp32, bf16 (default fp32,bf16)")
+    p.add_argument("--shapes", type=_csv(_shape), default=None, metavar="OUTxIN[,...]",
+                   help="layer shapes (out x in) instead of the default four")
+    p.add_argument("--sparsities", type=_csv(float), default=None, metavar="S[,S]",
+                   help="layer sparsities (default 0,0.5,0.7,0.9,0.95)")
+    p.add_argument("--mlp", type=_shape, default=None, metavar="HIDDENxINTER",
+                   help="gated MLP size hidden x intermediate (default 4096x11008)")
+    p.add_argument("--no-mlp", action="store_true", help="skip the gated MLP benchmark")
+    p.add_argument("--flush-mb", type=int, default=256,
+                   help="MiB read between timed calls to evict the caches (default 256, "
+                   "8x the 32 MiB L3 here; 0 = warm cache)")
+    p.add_argument("--seed", type=int, default=0, help="weights, inputs and order (default 0)")
+    p.add_argument("--out", default="benchmarks/results/kernel.json",
+                   help="JSON output path (default benchmarks/results/kernel.json)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.set_defaults(func=_run_kernel)
+
+
+def _run_kernel(args) -> int:
+    from pathlib import Path
+
+    from actsparse.eval import bench_kernel as bk
+    from actsparse.io import write_json
+
+    dtypes = args.dtypes or ["fp32", "bf16"]
+    bad = [d for d in dtypes if d not in bk.DTYPES]
+    if bad:
+        raise ConfigError(f"unknown dtype(s) {bad}; choose from {', '.join(bk.DTYPES)}")
+    threads = args.threads or [1, 2]
+    if any(t < 1 for t in threads):
+        raise ConfigError("--threads must be positive integers")
+    sparsities = args.sparsities
+    if sparsities and any(not 0 <= s < 1 for s in sparsities):
+        raise ConfigError("--sparsities must be in [0, 1)")
+    shapes = args.shapes
+    mlp_sp = None
+    repeats = args.repeats
+    if args.quick:
+        shapes = shapes or [(11008, 4096)]
+        sparsities = sparsities or [0.0, 0.5, 0.9]
+        mlp_sp = [0.0, 0.5, 0.9]
+        repeats = repeats or 5
+    repeats = repeats or 21
+    if repeats < 1:
+        raise ConfigError("--repeats must be >= 1")
+    mlp = None if args.no_mlp else (args.mlp or bk.MLP_SHAPE)
+    result = bk.run(shapes=shapes, dtypes=dtypes, threads=threads, sparsities=sparsities,
+                    mlp_shape=mlp, mlp_sparsities=mlp_sp, repeats=repeats,
+                    flush_mb=args.flush_mb, seed=args.seed, progress=not args.no_progress)
+    out = write_json(args.out, result)
+    print(f"wrote {out}")
+    if not args.no_plot:
+        print(f"wrote {bk.plot(result, Path(out).with_suffix('.png'))}")
+    _print_table(result)
+    return 0
+
+
+def _print_table(result) -> None:
+    print(f"{'shape':>16} {'dtype':>5} {'thr':>3} {'s':>5} {'impl':>16} {'speedup':>8} "
+          f"{'of ideal':>8} {'GB/s':>6}  best dense")
+    for r in result["summary"]:
+        print(f"{r['shape']:>16} {r['dtype']:>5} {r['threads']:>3} {r['sparsity']:>5.2f} "
+              f"{r['impl']:>16} {r['speedup']:>8.2f} {r['fraction_of_ideal']:>8.2f} "
+              f"{r['effective_GBps']:>6.1f}  {r['best_dense']} {r['best_dense_ms']:.2f} ms")
+
+
+# benchmarks in --help order; add new ones here (e.g. _register_decode)
+_BENCHES = [_register_kernel]

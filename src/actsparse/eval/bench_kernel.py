@@ -1,0 +1,424 @@
+"""Kernel benchmark: activation-sparse GEMV and the fused gated MLP vs the best dense.
+
+Protocol (see shared/specs/benchmarks.md):
+- cold cache: before every timed call a buffer larger than the L3 is read
+  (``flush_mb``, default 256 MiB; the L3 here is 32 MiB), so weights come from DRAM;
+- every (implementation, sparsity) of one shape/dtype/threads group is timed in a
+  random order in each repeat, so slow drifts of a shared machine hit all alike;
+- the dense baseline is the fastest of several torch options for the same dtype
+  and threads (F.linear, torch.mv, x @ W^T with the transposed weight, torch.matmul),
+  picked by a short warm pre-screen; candidates far slower than the best are
+  dropped before the timed loop (recorded in the JSON);
+- reported: median, p10/p90, IQR, effective GB/s (bytes actually read / time),
+  speedup vs the best dense, and that speedup as a fraction of the ideal
+  1/(1-s) (one layer) or 3/(1+2(1-s)) (gated MLP: gate stays dense).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LAYER_SHAPES = [(5632, 2048), (2048, 5632), (11008, 4096), (4096, 11008)]  # (out, in)
+LAYER_SPARSITIES = [0.0, 0.5, 0.7, 0.9, 0.95]
+MLP_SHAPE = (4096, 11008)  # (hidden, intermediate)
+MLP_SPARSITIES = [0.0, 0.5, 0.7, 0.9]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads_default": torch.get_num_threads(),
+    }
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import llvmlite.binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+        info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512bf16") if feats.get(f)]
+    except Exception:  # noqa: BLE001 - informative only
+        pass
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+        info["numba_num_threads"] = numba.config.NUMBA_NUM_THREADS
+    except ImportError:
+        info["numba"] = None
+    try:
+        info["git"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src/actsparse/kernels"],
+            capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        info["git_kernels_dirty"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["git"] = None
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _stats(ts: list[float]) -> dict:
+    a = np.asarray(ts) * 1e3
+    p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
+    return {"median_ms": p50, "p10_ms": p10, "p90_ms": p90, "iqr_ms": p75 - p25}
+
+
+def _threshold_for(v: torch.Tensor, s: float) -> float:
+    """A scalar threshold leaving exactly round((1-s) n) of |v| above it."""
+    a = torch.sort(v.float().abs(), descending=True).values
+    keep = int(round((1.0 - s) * a.numel()))
+    if keep >= a.numel():
+        return -1.0
+    if keep == 0:
+        return float(a[0]) * 2 + 1
+    return (float(a[keep - 1]) + float(a[keep])) / 2
+
+
+class _Flusher:
+    """Read a buffer larger than the last-level cache (evicts the weights). numpy's
+    single-threaded sum, so neither torch's nor numba's thread pool is woken by it."""
+
+    def __init__(self, mb: int):
+        self.buf = np.ones(max(1, mb) * 2**20 // 4, dtype=np.float32)
+        self.mb = mb
+
+    def __call__(self):
+        if self.mb > 0:
+            self.buf.sum()
+
+
+def _prescreen(cands: dict, reps: int = 3, keep_within: float = 1.5) -> tuple[dict, dict]:
+    """Warm timing of each dense candidate; keep those within ``keep_within`` of the best."""
+    times = {}
+    for name, fn in cands.items():
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        times[name] = min(ts) * 1e3
+    best = min(times.values())
+    kept = {k: v for k, v in cands.items() if times[k] <= keep_within * best}
+    return kept, times
+
+
+def _run_group(impls: dict, repeats: int, flush: _Flusher, bar) -> dict:
+    """Time every impl ``repeats`` times, cold, interleaved in a random order."""
+    raw = {k: [] for k in impls}
+    keys = list(impls)
+    for _ in range(repeats):
+        random.shuffle(keys)
+        for k in keys:
+            flush()
+            t0 = time.perf_counter()
+            impls[k]()
+            raw[k].append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(1)
+    return raw
+
+
+def _summarise(raw, dense_names, sparse_meta, ideal) -> dict:
+    stats = {k: _stats(v) for k, v in raw.items()}
+    best_dense = min(dense_names, key=lambda k: stats[k]["median_ms"])
+    t_dense = stats[best_dense]["median_ms"]
+    rows = []
+    for key, meta in sparse_meta.items():
+        st = stats[key]
+        s = meta["sparsity"]
+        sp = t_dense / st["median_ms"]
+        rows.append(
+            {
+                "impl": key,
+                **meta,
+                **st,
+                "speedup": sp,
+                "speedup_p10_p90": [t_dense / st["p90_ms"], t_dense / st["p10_ms"]],
+                "ideal": ideal(s),
+                "fraction_of_ideal": sp / ideal(s),
+                "effective_GBps": meta["bytes_read"] / (st["median_ms"] * 1e-3) / 1e9,
+            }
+        )
+    return {
+        "best_dense": best_dense,
+        "best_dense_ms": t_dense,
+        "dense": {k: stats[k] for k in dense_names},
+        "stats": stats,
+        "rows": rows,
+        "raw_ms": {k: [t * 1e3 for t in v] for k, v in raw.items()},
+    }
+
+
+# ---------------------------------------------------------------------------
+def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=None, seed=0,
+                colsplit=True) -> dict:
+    from actsparse.kernels import numba_cpu as nc
+    from actsparse.kernels.dispatch import _np, kernel_threads, sparse_input_gemv
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g).to(dtype)
+    Wt = W.t().contiguous()
+    x = torch.randn(in_f, generator=g).to(dtype)
+    el = W.element_size()
+    cands = {
+        "F.linear": lambda: F.linear(x, W),
+        "torch.mv": lambda: torch.mv(W, x),
+        "x@Wt": lambda: x @ Wt,
+        "torch.matmul": lambda: torch.matmul(W, x),
+    }
+    dense, pre = _prescreen(cands)
+    impls = dict(dense)
+    out = torch.empty(out_f, dtype=dtype)
+    meta = {}
+    for s in sparsities:
+        t = _threshold_for(x, s)
+        n_act = int((x.float().abs() > t).sum())
+        key = f"sparse_s{s:g}"
+        impls[key] = lambda t=t: sparse_input_gemv(x, Wt, t, out=out)
+        meta[key] = {"sparsity": s, "active": n_act, "bytes_read": n_act * out_f * el,
+                     "variant": "rowsplit"}
+        if colsplit and threads > 1 and s in (0.5, 0.9):
+            thr = np.array([t], np.float32)
+            xn, wn, on = _np(x), _np(Wt), _np(out)
+            key = f"colsplit_s{s:g}"
+            impls[key] = lambda thr=thr, xn=xn, wn=wn, on=on: nc.input_sparse_gemv_colsplit(
+                xn, wn, thr, 0, on, kernel_threads())
+            meta[key] = {**meta[f"sparse_s{s:g}"], "variant": "colsplit"}
+    for fn in impls.values():  # compile / warm
+        fn()
+    raw = _run_group(impls, repeats, flush, bar)
+    res = _summarise(raw, list(dense), meta, lambda s: 1.0 / (1.0 - s))
+    res.update(kind="layer", out_features=out_f, in_features=in_f, dtype=str(dtype).split(".")[-1],
+               threads=threads, dense_prescreen_warm_ms=pre, weight_bytes=W.numel() * el)
+    for r in res["rows"]:
+        r["shape"] = f"{out_f}x{in_f}"
+    return res
+
+
+def bench_mlp(hidden, inter, dtype, threads, sparsities, repeats, flush, bar=None, seed=0,
+              act="silu") -> dict:
+    from actsparse.kernels import gated_mlp_step, to_kernel_layout
+    from actsparse.kernels.reference import activation
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(seed)
+    Wg = (torch.randn(inter, hidden, generator=g) / math.sqrt(hidden)).to(dtype)
+    Wu = (torch.randn(inter, hidden, generator=g) / math.sqrt(hidden)).to(dtype)
+    Wd = (torch.randn(hidden, inter, generator=g) / math.sqrt(inter)).to(dtype)  # (out, in)
+    Wdt = to_kernel_layout(Wd)
+    x = torch.randn(hidden, generator=g).to(dtype)
+    el = Wg.element_size()
+    actf = {"silu": F.silu}.get(act, lambda v: activation(v, act))
+
+    def dense_with(lin):
+        def fn():
+            a = actf(lin(x, Wg, 0))
+            h = a * lin(x, Wu, 1)
+            return lin(h, Wd, 2)
+
+        return fn
+
+    Ts = {0: Wg.t().contiguous(), 1: Wu.t().contiguous(), 2: Wdt}
+    cands = {
+        "F.linear": dense_with(lambda v, W, i: F.linear(v, W)),
+        "torch.mv": dense_with(lambda v, W, i: torch.mv(W, v)),
+        "x@Wt": dense_with(lambda v, W, i: v @ Ts[i]),
+    }
+    dense, pre = _prescreen(cands)
+    impls = dict(dense)
+    out = torch.empty(hidden, dtype=dtype)
+    a_ref = activation(F.linear(x.float(), Wg.float()), act)
+    meta = {}
+    for s in sparsities:
+        t = _threshold_for(a_ref, s)
+        _, n_act = gated_mlp_step(x, Wg, Wu, Wdt, t, act, out=out, return_active=True)
+        key = f"gated_s{s:g}"
+        impls[key] = lambda t=t: gated_mlp_step(x, Wg, Wu, Wdt, t, act, out=out)
+        meta[key] = {"sparsity": s, "active": n_act,
+                     "bytes_read": (inter * hidden + 2 * n_act * hidden) * el}
+    for fn in impls.values():
+        fn()
+    raw = _run_group(impls, repeats, flush, bar)
+    res = _summarise(raw, list(dense), meta, lambda s: 3.0 / (1.0 + 2.0 * (1.0 - s)))
+    res.update(kind="gated_mlp", hidden=hidden, intermediate=inter, act=act,
+               dtype=str(dtype).split(".")[-1], threads=threads, dense_prescreen_warm_ms=pre,
+               weight_bytes=3 * inter * hidden * el)
+    for r in res["rows"]:
+        r["shape"] = f"mlp {hidden}/{inter}"
+    return res
+
+
+# ---------------------------------------------------------------------------
+def run(
+    shapes=None,
+    dtypes=("fp32", "bf16"),
+    threads=(1, 2),
+    sparsities=None,
+    mlp_shape=MLP_SHAPE,
+    mlp_sparsities=None,
+    repeats=21,
+    flush_mb=256,
+    seed=0,
+    progress=True,
+) -> dict:
+    """Run the whole benchmark; returns the JSON-able result dict."""
+    from actsparse.kernels import backend
+
+    shapes = list(LAYER_SHAPES if shapes is None else shapes)
+    sparsities = list(LAYER_SPARSITIES if sparsities is None else sparsities)
+    mlp_sparsities = list(MLP_SPARSITIES if mlp_sparsities is None else mlp_sparsities)
+    random.seed(seed)
+    old_threads = torch.get_num_threads()
+    flush = _Flusher(flush_mb)
+    n_dense_max = 4
+    total = 0
+    for _ in dtypes:
+        for nt in threads:
+            n_col = 2 if nt > 1 else 0
+            total += len(shapes) * (n_dense_max + len(sparsities) + n_col) * repeats
+            if mlp_shape:
+                total += (3 + len(mlp_sparsities)) * repeats
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="bench kernel", unit="call")
+    config = {
+        "shapes_out_x_in": [list(s) for s in shapes],
+        "dtypes": list(dtypes),
+        "threads": list(threads),
+        "sparsities": sparsities,
+        "mlp_hidden_intermediate": list(mlp_shape) if mlp_shape else None,
+        "mlp_sparsities": mlp_sparsities,
+        "mlp_act": "silu",
+        "repeats": repeats,
+        "cache": f"cold: read a {flush_mb} MiB buffer before every timed call" if flush_mb
+        else "warm (no flush)",
+        "order": "implementations and sparsities shuffled in every repeat",
+        "threshold": "scalar, set on the benchmark vector so that round((1-s)*n) inputs are active",
+        "backend": backend(),
+        "seed": seed,
+    }
+    t_start = time.time()
+    groups = []
+    try:
+        for dt in dtypes:
+            for nt in threads:
+                for (o, i) in shapes:
+                    if bar is not None:
+                        bar.set_postfix_str(f"{o}x{i} {dt} t{nt}")
+                    groups.append(bench_layer(o, i, DTYPES[dt], nt, sparsities, repeats, flush,
+                                              bar, seed))
+                if mlp_shape:
+                    if bar is not None:
+                        bar.set_postfix_str(f"mlp {dt} t{nt}")
+                    groups.append(bench_mlp(mlp_shape[0], mlp_shape[1], DTYPES[dt], nt,
+                                            mlp_sparsities, repeats, flush, bar, seed))
+    finally:
+        torch.set_num_threads(old_threads)
+        if bar is not None:
+            bar.close()
+    info = machine_info()
+    try:
+        info["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    table = [
+        {k: r[k] for k in ("shape", "impl", "sparsity", "active", "speedup", "fraction_of_ideal",
+                           "effective_GBps", "median_ms", "p10_ms", "p90_ms")}
+        | {"dtype": g["dtype"], "threads": g["threads"], "best_dense": g["best_dense"],
+           "best_dense_ms": g["best_dense_ms"]}
+        for g in groups for r in g["rows"]
+    ]
+    return {
+        "benchmark": "kernel",
+        "machine": info,
+        "config": config,
+        "wall_s": time.time() - t_start,
+        "summary": table,
+        "groups": groups,
+    }
+
+
+def plot(result: dict, path) -> Path:
+    """Speedup vs sparsity per shape (one panel each), a line per dtype/threads, with
+    the ideal curve; error bars from p10/p90."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = []
+    for g in result["groups"]:
+        for r in g["rows"]:
+            if r["shape"] not in shapes:
+                shapes.append(r["shape"])
+    n = len(shapes)
+    cols = min(3, n)
+    rows_n = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4 * rows_n), squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        ideal_drawn = False
+        for g in result["groups"]:
+            rs = [r for r in g["rows"] if r["shape"] == shape and r.get("variant", "rowsplit")
+                  == "rowsplit"]
+            if not rs:
+                continue
+            rs.sort(key=lambda r: r["sparsity"])
+            s = [r["sparsity"] for r in rs]
+            sp = [r["speedup"] for r in rs]
+            lo = [r["speedup"] - r["speedup_p10_p90"][0] for r in rs]
+            hi = [r["speedup_p10_p90"][1] - r["speedup"] for r in rs]
+            ax.errorbar(s, sp, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], marker="o",
+                        capsize=2, label=f"{g['dtype']} {g['threads']}t")
+            if not ideal_drawn:
+                ss = np.linspace(0, max(s), 50)
+                ideal = (3 / (1 + 2 * (1 - ss))) if g["kind"] == "gated_mlp" else 1 / (1 - ss)
+                ax.plot(ss, ideal, "k--", lw=1, label="ideal (vs own dense bytes)")
+                ideal_drawn = True
+        ax.set_title(f"{shape} (out x in)" if "mlp" not in shape else shape + " (gated MLP)")
+        ax.set_xlabel("sparsity s")
+        ax.set_ylabel("speedup vs best torch dense")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"actsparse kernels, cold cache, {result['machine'].get('cpu_model', '')}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
