@@ -26,7 +26,7 @@ from actsparse.train.schedule import LinearDecay
 
 
 def _fold(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if float(a) <= 0 or float(b) <= 0:
+    if float(a.detach()) <= 0 or float(b.detach()) <= 0:
         return a * 0.0 + b * 0.0
     return torch.minimum(a / b, b / a)
 
@@ -34,7 +34,9 @@ def _fold(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def balance_ratios(z: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_m, r_v) of one layer's pre-activations ``z`` (0 when one side is empty)."""
     rows, _ = rows_and_mask(z, mask)
-    z = rows.reshape(-1).float()
+    z = rows.reshape(-1)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
     pos, neg = z > 0, z < 0
     n_pos, n_neg = pos.sum(), neg.sum()
     if int(n_pos) == 0 or int(n_neg) == 0:

@@ -112,7 +112,7 @@ class DeltaActivation(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"q={float(self.q):.4g}, rate={self.rate}, fan_out={self.fan_out}"
+        return f"q={float(self.q.detach()):.4g}, rate={self.rate}, fan_out={self.fan_out}"
 
 
 def delta_loss(model: nn.Module) -> torch.Tensor:
