@@ -102,10 +102,6 @@ def run(args) -> int:
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, fatrelu=args.fatrelu, sites=args.sites,
         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_split=args.eval_split,
         eval_tokens=args.eval_tokens)
-    if args.after_norms and not args.relufy:
-        from actsparse.errors import ConfigError
-
-        raise ConfigError("--after-norms needs --relufy")
     summary = finetune(config, args.out, resume=args.resume, progress=not args.no_progress,
                        save_model=not args.no_save_model, dtype=args.dtype)
     last = summary["last"]

@@ -88,6 +88,8 @@ class FinetuneConfig:
             raise ConfigError("warmup_steps and eval_tokens must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.after_norms and not self.relufy:
+            raise ConfigError("after_norms needs relufy")
         if self.fatrelu is not None:
             from actsparse.train.fatrelu import check_threshold
 
@@ -302,7 +304,8 @@ def train_loop(model: nn.Module, windows, config: FinetuneConfig, out: str | os.
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
-                record = {"step": step + 1, "loss": float(loss), "lm_loss": float(lm_loss), "l1": float(l1_loss),
+                record = {"step": step + 1, "loss": float(loss.detach()), "lm_loss": float(lm_loss.detach()),
+                          "l1": float(l1_loss.detach()),
                           "lambda": lam, "lr": lr, "sparsity": l1.sparsity,
                           "seconds": round(time.perf_counter() - t0, 3)}
                 log.write(json.dumps(record) + "\n")
