@@ -118,7 +118,7 @@ def test_delta_loss_and_temporal_metric_brute_force():
     assert layer.last_temporal_sparsity == pytest.approx(zero / numel)
     assert nonzero_deltas_per_frame(y) == pytest.approx(np.mean(per_frame))
     assert layer.last_nonzero_per_frame == pytest.approx(np.mean(per_frame))
-    assert float(layer.loss) == pytest.approx(1e-3 * 10 * l1 / numel, rel=1e-5)
+    assert float(layer.loss.detach()) == pytest.approx(1e-3 * 10 * l1 / numel, rel=1e-5)
     assert zero >= 12  # the repeated frame contributes zero deltas
     model = torch.nn.Sequential(layer, DeltaActivation())
     model(a)

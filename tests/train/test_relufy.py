@@ -71,6 +71,10 @@ def test_relufy_gpt2_and_generic_and_errors():
     assert [c.path for c in ch] == ["1", "3"] and isinstance(generic[3], nn.ReLU)
     with pytest.raises(ConfigError):
         relufy_(nn.Sequential(nn.Linear(2, 2)))
+    from actsparse.train.topk import TopKActivation
+
+    kept = nn.Sequential(nn.Linear(3, 4), TopKActivation(2, nn.ReLU()))
+    assert relufy_(kept) == [] and isinstance(kept[1], TopKActivation)
 
 
 def test_fatrelu_swap():

@@ -107,9 +107,12 @@ def norm_paths(model: nn.Module) -> list[str]:
 
 
 def _is_relu(module: nn.Module) -> bool:
+    """ReLU already, or one of this package's training activations (left as they are)."""
+    from actsparse.train.delta import DeltaActivation
     from actsparse.train.fatrelu import FATReLU
+    from actsparse.train.topk import TopKActivation
 
-    return isinstance(module, (nn.ReLU, FATReLU))
+    return isinstance(module, (nn.ReLU, FATReLU, TopKActivation, DeltaActivation))
 
 
 def relufy_(model: nn.Module, *, after_norms: bool = False) -> list[Change]:
