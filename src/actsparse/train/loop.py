@@ -36,7 +36,7 @@ from torch import nn
 from actsparse.errors import ConfigError
 from actsparse.io import read_json, write_json, write_safetensors
 from actsparse.train.losses import ActivationL1
-from actsparse.train.schedule import Constant, ProSparse, Schedule, schedule_from_dict
+from actsparse.train.schedule import Constant, ProSparse, Schedule
 
 SCHEDULE_KINDS = ("prosparse", "constant", "none")
 # config fields that may differ between a run and its resumption
