@@ -1,0 +1,17 @@
+"""Training-free activation sparsification: method configs, sparse modules, plans.
+
+    sparsify_(model, TEAL(sparsity=0.5), calibration=windows)
+"""
+from actsparse.sparsify.cats import CATS
+from actsparse.sparsify.cett import CETT
+from actsparse.sparsify.chess import CHESS
+from actsparse.sparsify.teal import TEAL
+from actsparse.sparsify.topk import TopK
+from actsparse.sparsify.wina import WINA
+from actsparse.sparsify.api import calibrate, desparsify_, is_sparsified, sparsify_  # noqa: E402
+from actsparse.sparsify.modules import (MaskedLinear, ThresholdedActivation, bytes_skipped,  # noqa: E402
+                                        iter_sparse_modules, reached_sparsity, reset_counts)
+
+__all__ = ["TEAL", "CATS", "CHESS", "TopK", "WINA", "CETT", "sparsify_", "desparsify_", "calibrate",
+           "is_sparsified", "MaskedLinear", "ThresholdedActivation", "iter_sparse_modules",
+           "reached_sparsity", "reset_counts", "bytes_skipped"]

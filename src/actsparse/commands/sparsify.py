@@ -1,0 +1,90 @@
+"""`actsparse calibrate`: compute a method's thresholds on calibration text and save a plan."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actsparse.commands.common import add_data_options, add_model_options, apply_threads
+
+VARIANTS = {
+    "teal": ("teal", {}),
+    "teal-greedy": ("teal", {"allocation": "greedy"}),
+    "cats": ("cats", {}),
+    "chess": ("chess", {}),
+    "chess-selective": ("chess", {"selective": True}),
+    "topk": ("topk", {}),
+    "wina": ("wina", {}),
+    "cett": ("cett", {}),
+}
+
+
+def make_config(method: str, sparsity: float | None = None, *, cett: float | None = None, overrides=(), **extra):
+    """A config from a method name (or variant: teal-greedy, chess-selective) and a sparsity."""
+    from actsparse.config import config_class
+    from actsparse.errors import ConfigError
+
+    if method not in VARIANTS:
+        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(VARIANTS)}")
+    name, opts = VARIANTS[method]
+    cls = config_class(name)
+    kwargs = dict(opts, **extra)
+    if name == "cett":
+        kwargs["cett"] = cett if cett is not None else (sparsity if sparsity is not None else 0.2)
+    elif sparsity is not None:
+        kwargs["sparsity"] = sparsity
+    if overrides:
+        kwargs["overrides"] = tuple(overrides)
+    return cls(**kwargs)
+
+
+def parse_overrides(items) -> list:
+    from actsparse.errors import ConfigError
+
+    out = []
+    for item in items or []:
+        pat, sep, val = item.rpartition("=")
+        if not sep or not pat:
+            raise ConfigError(f"--override takes PATTERN=SPARSITY or PATTERN=dense, got {item!r}")
+        out.append((pat, None if val.strip().lower() in ("dense", "none") else float(val)))
+    return out
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(VARIANTS)}")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1)")
+    p.add_argument("--cett", type=float, default=None, help="CETT target (method cett)")
+    p.add_argument("--override", action="append", default=[], metavar="PATTERN=S",
+                   help="per-site sparsity by module-path glob (or re:REGEX); S='dense' leaves matches dense. "
+                        "Repeatable, last match wins. Example: 'model.layers.0.*=dense'")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="calibrate a training-free sparsity method and save a plan",
+        description="Run the model over calibration text, set the thresholds of a method (teal, cats, chess, "
+                    "topk, wina, cett) and write a plan directory (plan.json + plan.safetensors) that "
+                    "`actsparse eval --plan` and load_plan() apply.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_options(p)
+    add_data_options(p, split="calibration", tokens=8192)
+    add_method_options(p)
+    p.add_argument("--out", required=True, type=Path, help="plan directory to write")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import actsparse as asp
+    from actsparse.data.text import text, token_windows
+    from actsparse.sparsify.api import sparsify_
+    from actsparse.sparsify.plan import save_plan
+
+    apply_threads(args)
+    config = make_config(args.method, args.sparsity, cett=args.cett, overrides=parse_overrides(args.override))
+    model, tok = asp.load(args.model, dtype=args.dtype)
+    windows = token_windows(tok, text(args.data, args.split), window=args.window, max_tokens=args.tokens)
+    sparsify_(model, config, calibration=windows, batch_size=args.batch_size, progress=not args.no_progress)
+    save_plan(model, args.out, meta={"model": args.model, "data": args.data, "split": args.split,
+                                     "tokens": windows.tokens, "window": args.window})
+    print(f"calibrated {config.METHOD} on {windows.tokens} tokens of {args.data}/{args.split}; wrote {args.out}")
+    return 0

@@ -1,0 +1,190 @@
+"""Held-out perplexity with its protocol recorded next to the number.
+
+Non-overlapping windows by default (each window starts with BOS; every following token is
+scored once, padding never). With ``stride < window`` a sliding evaluation is used: windows
+start every ``stride`` tokens of the token stream and each scores only the tokens no earlier
+window scored, with up to ``window - stride`` tokens of context.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.errors import DataError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # scored tokens
+    windows: int
+    window: int
+    stride: int
+    data: str
+    split: str
+    batch_size: int
+    seconds: float
+    reached_sparsity: dict = field(default_factory=dict)  # per site kind, on this data (sparse models)
+    bytes_skipped: float | None = None  # fraction of block linear weight bytes skippable per token
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def protocol(self) -> str:
+        mode = "non-overlapping" if self.stride == self.window else f"sliding, stride {self.stride}"
+        return (f"{self.data}/{self.split}, {self.windows} x {self.window}-token windows ({mode}), "
+                f"{self.tokens} scored tokens")
+
+    def __str__(self) -> str:
+        return f"PPL {self.ppl:.3f} ({self.protocol})"
+
+
+def _stream(tokenizer, docs, max_tokens):
+    eos = tokenizer.eos_token_id
+    stream = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for doc in docs:
+        stream += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            stream.append(eos)
+        if max_tokens and len(stream) >= max_tokens + 1:
+            break
+    return stream[: max_tokens + 1] if max_tokens else stream
+
+
+@torch.no_grad()
+def _nll_batch(model, ids, mask, score_from: int = 0, extra=None):
+    """Summed NLL and count over positions t >= score_from predicted from t-1."""
+    out = model(input_ids=ids, attention_mask=mask, **(extra or {}))
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    logits = logits[:, :-1].float()
+    labels = ids[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    if score_from > 1:
+        valid[:, : score_from - 1] = False
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    nll = nll.reshape(labels.shape)
+    return float(nll[valid].double().sum()), int(valid.sum())
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "test", window: int = 1024,
+               stride: int | None = None, tokens: int | None = None, batch_size: int = 1,
+               progress: bool = False) -> PerplexityResult:
+    """Perplexity of ``model`` on ``data``: a :class:`~actsparse.data.text.Windows`, a corpus name
+    or path (tokenised with ``tokenizer``; ``split`` picks the documents) or a list of documents.
+    ``tokens`` caps the evaluated tokens. If the model is sparsified, the reached sparsity per
+    site kind on this data and the weight bytes skipped are recorded too."""
+    import inspect
+
+    from tqdm.auto import tqdm
+
+    from actsparse.data.text import Windows, text, token_windows
+    from actsparse.sparsify.modules import bytes_skipped, iter_sparse_modules, reached_sparsity, reset_counts
+
+    stride = stride or window
+    if stride > window or stride < 1:
+        raise DataError(f"stride must be in [1, window={window}], got {stride}")
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    if isinstance(data, Windows):
+        if stride != window:
+            raise DataError("sliding evaluation (stride < window) needs text, not pre-cut Windows")
+        windows, source, split_name = data, "windows", "-"
+        window = data.input_ids.shape[1]
+        stride = window
+    else:
+        if tokenizer is None:
+            raise DataError("perplexity on text needs the tokenizer")
+        docs = text(data, split) if isinstance(data, str) else list(data)
+        source = data if isinstance(data, str) else "documents"
+        split_name = split if isinstance(data, str) else "-"
+        windows = None
+        if stride == window:
+            windows = token_windows(tokenizer, docs, window=window, max_tokens=tokens)
+    sparse = any(True for _ in iter_sparse_modules(model))
+    if sparse:
+        reset_counts(model)
+    start = time.perf_counter()
+    nll_sum, count, n_windows = 0.0, 0, 0
+    if windows is not None:
+        for batch in tqdm(windows.batches(batch_size), total=windows.num_batches(batch_size), disable=not progress,
+                          desc="perplexity"):
+            s, c = _nll_batch(model, batch["input_ids"], batch["attention_mask"], extra=extra)
+            nll_sum += s
+            count += c
+            n_windows += batch["input_ids"].shape[0]
+    else:
+        stream = _stream(tokenizer, docs, tokens)
+        if len(stream) < window:
+            raise DataError(f"the data gives {len(stream)} tokens, fewer than one window of {window}")
+        prev_end, n = 0, len(stream)
+        for begin in tqdm(range(0, n - 1, stride), disable=not progress, desc="perplexity"):
+            end = min(begin + window, n)
+            ids = torch.tensor([stream[begin:end]])
+            s, c = _nll_batch(model, ids, torch.ones_like(ids), score_from=max(prev_end - begin, 1), extra=extra)
+            nll_sum += s
+            count += c
+            n_windows += 1
+            prev_end = end
+            if end == n:
+                break
+    seconds = time.perf_counter() - start
+    if count == 0:
+        raise DataError("no tokens were scored")
+    nll = nll_sum / count
+    result = PerplexityResult(math.exp(nll), nll, count, n_windows, window, stride, str(source), split_name,
+                              batch_size, seconds)
+    if sparse:
+        result.reached_sparsity = reached_sparsity(model)
+        result.bytes_skipped = bytes_skipped(model)
+    return result
+
+
+# ---------------------------------------------------------------- PPL-p% sparsity
+def _bisect(evaluate, lo: float, hi: float, limit: float, steps: int, log: list):
+    """Largest x in [lo, hi] with evaluate(x) <= limit, assuming monotone growth."""
+    best = lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ppl = evaluate(mid)
+        log.append({"x": mid, "ppl": ppl})
+        if ppl <= limit:
+            best, lo = mid, mid
+        else:
+            hi = mid
+    return best
+
+
+def ppl_p_search(model: nn.Module, make_config, stats: dict, windows, dense_ppl: float, *, p: float = 1.0,
+                 lo: float = 0.0, hi: float = 0.9, steps: int = 7) -> dict:
+    """Binary-search the knob ``x`` of ``make_config(x)`` (a uniform sparsity, or the CETT value
+    shared by all layers) so that perplexity on ``windows`` rises by at most ``p`` percent.
+    Returns the knob, its perplexity, the reached sparsity per site kind and the bytes skipped."""
+    from actsparse.sparsify.api import desparsify_, sparsify_
+
+    limit = dense_ppl * (1 + p / 100)
+    log: list = []
+
+    def evaluate(x):
+        sparsify_(model, make_config(x), stats=stats)
+        try:
+            return perplexity(model, windows).ppl
+        finally:
+            desparsify_(model)
+
+    best = _bisect(evaluate, lo, hi, limit, steps, log)
+    sparsify_(model, make_config(best), stats=stats)
+    try:
+        res = perplexity(model, windows)
+    finally:
+        desparsify_(model)
+    return {"p": p, "knob": best, "ppl": res.ppl, "dense_ppl": dense_ppl, "ratio": res.ppl / dense_ppl,
+            "reached_sparsity": res.reached_sparsity, "bytes_skipped": res.bytes_skipped, "search": log,
+            "protocol": {"windows": res.windows, "window": res.window, "tokens": res.tokens, "steps": steps,
+                         "range": [lo, hi]}}

@@ -1,0 +1,118 @@
+"""Quality (perplexity vs sparsity) plots and report sections, rendered from saved JSON."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from actsparse.report.document import Report
+
+COLORS = {"teal": "C0", "teal-greedy": "C5", "cats": "C1", "chess": "C2", "chess-selective": "C6",
+          "topk": "C3", "wina": "C4", "cett": "C7"}
+
+
+def _by_method(doc: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in doc.get("results", []):
+        out.setdefault(r["method"], []).append(r)
+    for rows in out.values():
+        rows.sort(key=lambda r: r["target"])
+    return out
+
+
+def plot_quality(doc: dict, path: str | Path) -> Path:
+    """Two panels: PPL ratio vs fraction of block linear weight bytes skipped (measured), and
+    vs nominal sparsity. Log y axis."""
+    from actsparse.report.plots import _plt, save_figure
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m, rows in _by_method(doc).items():
+        c = COLORS.get(m)
+        axes[0].plot([r["bytes_skipped"] for r in rows], [r["ratio"] for r in rows], "o-", color=c, label=m)
+        axes[1].plot([r["target"] for r in rows], [r["ratio"] for r in rows], "o-", color=c, label=m)
+    for r in doc.get("pplp", {}).get("cett", []) if isinstance(doc.get("pplp", {}).get("cett"), list) else []:
+        pass
+    for ax, xl in zip(axes, ("fraction of block linear weight bytes skipped per token (reached)",
+                             "nominal (target) sparsity")):
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.01, color="k", lw=0.5, ls=":")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("perplexity / dense")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    prot = doc.get("protocol", {}).get("evaluation", {})
+    dense = doc.get("dense") or {}
+    fig.suptitle(f"{doc.get('model')} {doc.get('dtype', '')}: dense PPL {dense.get('ppl', math.nan):.2f} on "
+                 f"{doc.get('protocol', {}).get('data')}/{prot.get('split')}, {prot.get('windows')} x "
+                 f"{prot.get('window')}-token windows")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_thresholds(rows_by_method: dict[str, list[dict]], path: str | Path) -> Path:
+    """Per-layer thresholds (median for per-channel ones) per method and site kind."""
+    from actsparse.report.plots import _plt, save_figure
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for method, rows in rows_by_method.items():
+        kinds: dict[str, list] = {}
+        for r in rows:
+            if r.get("threshold") is not None and r.get("layer") is not None:
+                kinds.setdefault(r["kind"], []).append((r["layer"], r["threshold"]))
+        for kind, pts in kinds.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{method} {kind}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("threshold (median over channels if per-channel)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def quality_rows(doc: dict) -> list[list]:
+    rows = []
+    for m, items in _by_method(doc).items():
+        for r in items:
+            reached = ", ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in r["reached_sparsity"].items())
+            rows.append([m, _f(r["target"], "{:.2f}"), _f(r["ppl"], "{:.2f}"), _f(r["ratio"]),
+                         _f(r["bytes_skipped"]), reached])
+    return rows
+
+
+def add_quality_section(report: Report, doc: dict, out_dir: Path, *, plot_dir: str = "plots",
+                        title: str = "Quality: training-free sparsification", thresholds: dict | None = None) -> Report:
+    out_dir = Path(out_dir)
+    report.heading(title)
+    prot = doc.get("protocol", {})
+    ev, ca = prot.get("evaluation", {}), prot.get("calibration", {})
+    dense = doc.get("dense") or {}
+    report.text(f"Perplexity on {prot.get('data')}/{ev.get('split')}: {ev.get('windows')} non-overlapping "
+                f"{ev.get('window')}-token windows ({dense.get('tokens')} scored tokens); thresholds from "
+                f"{ca.get('tokens')} tokens of the {ca.get('split')} split (disjoint documents). Dense PPL "
+                f"{_f(dense.get('ppl'), '{:.3f}')}. 'bytes skipped' = fraction of the block linears' weight bytes "
+                f"a sparse kernel need not read per decoded token, from the sparsity reached on the evaluation data.")
+    report.table(["method", "target", "PPL", "x dense", "bytes skipped", "reached sparsity per site kind"],
+                 quality_rows(doc))
+    if doc.get("pplp"):
+        rows = []
+        for fam, r in doc["pplp"].items():
+            reached = ", ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in (r.get("reached_sparsity") or {}).items())
+            rows.append([fam, _f(r.get("knob")), _f(r.get("ratio")), _f(r.get("bytes_skipped")), reached])
+        report.text("PPL-1% sparsity: largest knob (uniform sparsity; for cett the shared CETT value) whose "
+                    "validation perplexity stays within +1% of dense.")
+        report.table(["family", "knob", "x dense (val)", "bytes skipped", "reached sparsity"], rows)
+    if len(doc.get("results", [])) > 1:
+        p = plot_quality(doc, out_dir / plot_dir / "quality.png")
+        report.image(str(p.relative_to(out_dir)), "perplexity ratio vs weight bytes skipped and vs nominal sparsity")
+    if thresholds:
+        p = plot_thresholds(thresholds, out_dir / plot_dir / "thresholds.png")
+        report.image(str(p.relative_to(out_dir)), "per-layer thresholds")
+    return report

@@ -1,0 +1,278 @@
+"""Sparse modules: the reference path of every training-free method.
+
+Each one computes the dense forward on the masked tensor, so it is the specification a
+fast kernel must match:
+
+* :class:`MaskedLinear` wraps an ``nn.Linear`` (sharing its weight and bias Parameters,
+  never copying them) and zeroes input entries with ``|x| <= threshold`` (a scalar or a
+  per-input-channel fp32 tensor) or all but the ``k`` largest ``|x|`` per token, then calls
+  the original linear on the masked input.
+* :class:`ThresholdedActivation` replaces an MLP's ``act_fn`` (CATS, CHESS, Top-K on the
+  activation): its output is ``act(g)`` zeroed where ``|act(g)| <= threshold``.
+
+Comparisons are done in fp32 (``x.float().abs() > t``), as the CPU kernels do. Scalar
+thresholds are rounded to fp32 when a module is built, so a plan, the module and a kernel
+all see the same number.
+
+Every module counts the sparsity it actually reaches (masked entries / entries) while
+``counting`` is on, excluding padding tokens when the model was called with an
+``attention_mask`` of the input's (batch, time) shape. Find them with
+:func:`iter_sparse_modules`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.errors import ConfigError
+
+MODES = ("threshold", "topk")
+
+
+class TokenMask:
+    """Holds the attention mask of the current forward (set by a root pre-hook)."""
+
+    __slots__ = ("mask",)
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+
+
+def fp32_scalar(t) -> float:
+    """Round a threshold to the nearest fp32 value (as a Python float); NaN raises."""
+    v = float(t)
+    if math.isnan(v):
+        raise ConfigError("threshold is NaN (statistics with non-finite values, or an empty calibration?)")
+    if v < 0:
+        raise ConfigError(f"threshold must be >= 0, got {v}")
+    return float(np.float32(v))
+
+
+def check_threshold(threshold, width: int):
+    """Validate a threshold: a float (rounded to fp32) or a 1-D fp32 tensor of ``width``."""
+    if isinstance(threshold, torch.Tensor) and threshold.ndim > 0:
+        t = threshold.detach().to(torch.float32).reshape(-1).clone()
+        if t.numel() != width:
+            raise ConfigError(f"per-channel threshold has {t.numel()} entries, the input has {width} channels")
+        if torch.isnan(t).any():
+            raise ConfigError(f"per-channel threshold has {int(torch.isnan(t).sum())} NaN entries")
+        if (t < 0).any():
+            raise ConfigError("per-channel thresholds must be >= 0")
+        return t
+    return fp32_scalar(threshold)
+
+
+def topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest ``|x|`` along the last dim (exactly k per row)."""
+    width = x.shape[-1]
+    if k >= width:
+        return torch.ones_like(x, dtype=torch.bool)
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    idx = x.float().abs().topk(k, dim=-1, sorted=False).indices
+    return keep.scatter_(-1, idx, True)
+
+
+class SparseModule(nn.Module):
+    """Common state: threshold / top-k, the site kind, what weights it lets a kernel skip,
+    and the reached-sparsity counters."""
+
+    def _init_sparse(self, width: int, threshold, mode: str, k: int | None, site_kind: str | None,
+                     skips: tuple[str, ...]):
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.width = int(width)
+        self.mode = mode
+        self.site_kind = site_kind or ""
+        self.skips = tuple(skips)  # module paths whose weight bytes a kernel can skip for masked entries
+        if mode == "topk":
+            if k is None or not (0 <= int(k) <= width):
+                raise ConfigError(f"top-k needs 0 <= k <= {width}, got {k!r}")
+            self.k = int(k)
+            self.threshold = None
+        else:
+            if threshold is None:
+                raise ConfigError("threshold mode needs a threshold")
+            self.k = None
+            t = check_threshold(threshold, width)
+            if isinstance(t, torch.Tensor):
+                self.register_buffer("threshold", t, persistent=False)
+            else:
+                self.threshold = t
+        self.counting = True
+        self.zeros = 0
+        self.entries = 0
+        self._token_mask: TokenMask | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.threshold, torch.Tensor)
+
+    def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the entries that survive (``|x| > t``, or the top-k per token)."""
+        if self.mode == "topk":
+            return topk_keep(x, self.k)
+        return x.float().abs() > self.threshold
+
+    def _count(self, keep: torch.Tensor) -> None:
+        mask = self._token_mask.mask if self._token_mask is not None else None
+        if mask is not None and keep.ndim == 3 and tuple(mask.shape) == tuple(keep.shape[:2]):
+            valid = mask.to(device=keep.device, dtype=torch.bool)
+            n_valid = int(valid.sum())
+            kept = int((keep & valid[..., None]).sum())
+            entries = n_valid * keep.shape[-1]
+        else:
+            kept = int(keep.sum())
+            entries = keep.numel()
+        self.zeros += entries - kept
+        self.entries += entries
+
+    def reset_counts(self) -> None:
+        self.zeros = 0
+        self.entries = 0
+
+    @property
+    def reached(self) -> float:
+        """Fraction of entries masked since the last reset (NaN before any forward)."""
+        return self.zeros / self.entries if self.entries else math.nan
+
+    def _extra(self) -> str:
+        if self.mode == "topk":
+            return f"topk k={self.k}/{self.width}"
+        if self.per_channel:
+            return f"per-channel threshold (median {float(self.threshold.median()):.4g})"
+        return f"threshold={self.threshold:.4g}"
+
+
+class MaskedLinear(SparseModule):
+    """``linear(x * keep(x))``: the wrapped ``nn.Linear`` on its masked input.
+
+    Attributes a kernel needs: ``linear`` (the original module; ``weight`` and ``bias`` are
+    its very Parameters), ``threshold`` (float, or fp32 tensor of ``in_features`` for
+    per-channel thresholds; None in top-k mode), ``mode`` ("threshold" or "topk"), ``k``.
+    """
+
+    def __init__(self, linear: nn.Linear, threshold=None, *, mode: str = "threshold", k: int | None = None,
+                 site_kind: str | None = None, skips: tuple[str, ...] = ()):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MaskedLinear wraps an nn.Linear, got {type(linear).__name__}")
+        # keep the original module without registering it, so parameter names stay
+        # "<path>.weight" (state_dict and weights_identity unchanged) and the weight is shared
+        object.__setattr__(self, "linear", linear)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self._init_sparse(linear.in_features, threshold, mode, k, site_kind, skips)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.keep_mask(x)
+        if self.counting:
+            self._count(keep)
+        return F.linear(x * keep, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self._extra()}"
+
+
+class ThresholdedActivation(SparseModule):
+    """``act(g) * keep(act(g))``: an MLP activation whose small outputs are zeroed.
+
+    Attributes: ``act`` (the original activation module), ``act_name`` ("silu",
+    "gelu_tanh", "gelu", "relu" or the class name), ``threshold`` (float or per-neuron fp32
+    tensor), ``mode``, ``k``. In a gated MLP a zero at neuron i means row i of up_proj and
+    column i of down_proj need not be read (``skips``).
+    """
+
+    def __init__(self, act: nn.Module, width: int, threshold=None, *, mode: str = "threshold",
+                 k: int | None = None, site_kind: str | None = "mlp.act:output", skips: tuple[str, ...] = ()):
+        super().__init__()
+        object.__setattr__(self, "act", act)
+        self.act_name = activation_name(act)
+        self._init_sparse(width, threshold, mode, k, site_kind, skips)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        a = self.act(g)
+        keep = self.keep_mask(a)
+        if self.counting:
+            self._count(keep)
+        return a * keep
+
+    def extra_repr(self) -> str:
+        return f"act={self.act_name}, width={self.width}, {self._extra()}"
+
+
+def activation_name(act: nn.Module) -> str:
+    name = type(act).__name__.lower()
+    if "silu" in name or "swish" in name:
+        return "silu"
+    if "gelu" in name and ("tanh" in name or "pytorch" in name or "new" in name or "fast" in name):
+        return "gelu_tanh"
+    if "gelu" in name:
+        return "gelu"
+    if "relu" in name:
+        return "relu"
+    return type(act).__name__
+
+
+def iter_sparse_modules(model: nn.Module) -> Iterator[tuple[str, SparseModule]]:
+    """Every sparse module of ``model`` as ``(module path, module)``, in module order."""
+    for path, module in model.named_modules():
+        if isinstance(module, SparseModule):
+            yield path, module
+
+
+def reset_counts(model: nn.Module) -> None:
+    for _, m in iter_sparse_modules(model):
+        m.reset_counts()
+
+
+def reached_sparsity(model: nn.Module) -> dict:
+    """Reached sparsity since the last reset: per site kind (pooled over layers) and overall."""
+    kinds: dict[str, list[int]] = {}
+    for _, m in iter_sparse_modules(model):
+        z = kinds.setdefault(m.site_kind or type(m).__name__, [0, 0])
+        z[0] += m.zeros
+        z[1] += m.entries
+    return {k: (z / e if e else math.nan) for k, (z, e) in kinds.items()}
+
+
+def block_linear_params(model: nn.Module) -> dict[str, int]:
+    """Parameter count (weights) of every linear inside the transformer blocks."""
+    from actsparse.models.sitemaps import LINEAR_ROLES, site_map
+
+    smap = site_map(model, warn=False)
+    out = {}
+    if smap.family == "generic":
+        for path, m in model.named_modules():
+            if isinstance(m, (nn.Linear, MaskedLinear)) and "lm_head" not in path:
+                out[path] = m.weight.numel()
+        return out
+    for layer in range(smap.num_layers):
+        for role in LINEAR_ROLES:
+            if role in smap.roles:
+                path = smap.module_path(layer, role)
+                out[path] = model.get_submodule(path).weight.numel()
+    return out
+
+
+def bytes_skipped(model: nn.Module, *, nominal: dict[str, float] | None = None) -> float:
+    """Fraction of the block linears' weight bytes a sparse kernel skips per decoded token,
+    from the reached sparsity of each module (or ``nominal``: module path -> sparsity)."""
+    params = block_linear_params(model)
+    total = sum(params.values())
+    skipped: dict[str, float] = {}
+    for path, m in iter_sparse_modules(model):
+        s = nominal.get(path, math.nan) if nominal is not None else m.reached
+        if math.isnan(s):
+            continue
+        for target in m.skips:
+            skipped[target] = max(skipped.get(target, 0.0), s)
+    return sum(params.get(p, 0) * s for p, s in skipped.items()) / total if total else math.nan

@@ -1,0 +1,123 @@
+"""Saved sparsity plans: a directory with ``plan.json`` (method, config, actsparse version,
+model identity, one entry per sparse module) and ``plan.safetensors`` (per-channel
+thresholds). No pickle. Loading is strict and refuses a plan made for another model.
+
+    save_plan(model, "plan/")          # model sparsified with sparsify_
+    load_plan(other_model, "plan/")    # same weights layout: installs the same modules
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from actsparse.errors import ConfigError
+
+FORMAT = "actsparse.plan/1"
+_TOP_KEYS = {"format", "actsparse", "method", "config", "model", "modules", "created", "meta"}
+_MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips", "width", "target"}
+
+
+def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -> Path:
+    """Write the plan of a sparsified ``model`` to directory ``path``."""
+    from actsparse import __version__
+    from actsparse.io import write_json, write_safetensors
+    from actsparse.sparsify.api import sparsity_state
+
+    state = sparsity_state(model)
+    directory = Path(path)
+    tensors, modules = {}, []
+    for a in state.assignments:
+        thr = a.threshold
+        if isinstance(thr, torch.Tensor):
+            key = f"{a.path}.threshold"
+            tensors[key] = thr.detach().to(torch.float32).cpu().contiguous()
+            thr = {"tensor": key}
+        modules.append({"path": a.path, "module": a.module, "site_kind": a.site_kind, "mode": a.mode,
+                        "threshold": thr, "k": a.k, "skips": list(a.skips), "width": a.width, "target": a.target})
+    doc = {
+        "format": FORMAT, "actsparse": __version__, "method": state.config.METHOD,
+        "config": state.config.to_dict(), "model": state.identity, "modules": modules,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
+    }
+    write_safetensors(directory / "plan.safetensors", tensors, metadata={"format": FORMAT})
+    # json.dumps writes floats with repr(): they read back bit-exactly
+    from actsparse.io import write_text
+
+    write_text(directory / "plan.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return directory
+
+
+def read_plan(path: str | Path):
+    """Read and validate a plan: ``(config, identity, assignments, doc)``."""
+    from safetensors.torch import load_file
+
+    from actsparse.config import config_from_dict
+    from actsparse.sparsify.api import Assignment
+
+    directory = Path(path)
+    jf, tf = directory / "plan.json", directory / "plan.safetensors"
+    if not jf.is_file():
+        raise ConfigError(f"{jf} is missing: {directory} is not a saved plan directory")
+    try:
+        doc = json.loads(jf.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{jf} is not valid JSON: {err}") from err
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(f"{jf} has format {doc.get('format') if isinstance(doc, dict) else None!r}, expected {FORMAT!r}")
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{jf} has unknown key(s): {', '.join(sorted(unknown))}")
+    missing = {"config", "model", "modules"} - set(doc)
+    if missing:
+        raise ConfigError(f"{jf} lacks key(s): {', '.join(sorted(missing))}")
+    config = config_from_dict(doc["config"])
+    tensors = load_file(str(tf)) if tf.is_file() else {}
+    assignments = []
+    for m in doc["modules"]:
+        if not isinstance(m, dict):
+            raise ConfigError(f"{jf}: every module entry must be an object")
+        bad = set(m) - _MODULE_KEYS
+        if bad:
+            raise ConfigError(f"{jf}: module entry {m.get('path')!r} has unknown key(s): {', '.join(sorted(bad))}")
+        thr = m.get("threshold")
+        if isinstance(thr, dict):
+            key = thr.get("tensor")
+            if key not in tensors:
+                raise ConfigError(f"{tf} lacks the tensor {key!r} named by {jf}")
+            thr = tensors[key]
+            if torch.isnan(thr).any():
+                raise ConfigError(f"plan threshold {key} holds NaN values")
+        elif thr is not None:
+            if not isinstance(thr, (int, float)) or isinstance(thr, bool) or math.isnan(float(thr)):
+                raise ConfigError(f"plan threshold of {m.get('path')} is not a number: {thr!r}")
+            thr = float(thr)
+        assignments.append(Assignment(m["path"], m["module"], m.get("site_kind", ""), threshold=thr,
+                                      mode=m.get("mode", "threshold"), k=m.get("k"), skips=tuple(m.get("skips", ())),
+                                      width=m.get("width"), target=m.get("target")))
+    return config, doc["model"], assignments, doc
+
+
+def check_identity(expected: dict, actual: dict, where: str = "the plan") -> None:
+    diffs = [f"{k}: plan {expected.get(k)!r} vs model {actual.get(k)!r}"
+             for k in ("class", "model_type", "shape_hash", "num_parameters")
+             if k in expected and expected.get(k) != actual.get(k)]
+    if diffs:
+        raise ConfigError(f"{where} was made for another model ({'; '.join(diffs)})")
+
+
+def load_plan(model: nn.Module, path: str | Path) -> None:
+    """Apply the plan in ``path`` to ``model`` in place (desparsifying it first if needed)."""
+    from actsparse.models.loading import weights_identity
+    from actsparse.sparsify.api import desparsify_, install, is_sparsified
+
+    config, identity, assignments, _doc = read_plan(path)
+    if is_sparsified(model):
+        desparsify_(model)
+    actual = weights_identity(model)
+    check_identity(identity, actual, f"plan {path}")
+    install(model, config, assignments, identity=actual)

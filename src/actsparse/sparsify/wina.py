@@ -1,0 +1,46 @@
+"""WINA: TEAL with a weight-informed score ``|v_j| * ||W[:, j]||_2``.
+
+``W[:, j]`` is the column of the linear that reads ``v_j``. Thresholding the score at its
+s-quantile ``T`` equals a per-channel threshold ``T / ||W[:, j]||`` on ``|v_j|``. Each linear
+gets its own score (q, k and v read the same input with different columns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from actsparse.config import SparsityConfig, register_config
+from actsparse.errors import ConfigError
+
+LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+@register_config
+@dataclass(frozen=True)
+class WINA(SparsityConfig):
+    METHOD = "wina"
+    VERSION = 1
+    sparsity: float = 0.5
+    kinds: tuple[str, ...] = LINEAR_KINDS
+    overrides: tuple[tuple[str, float | None], ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        bad = [k for k in self.kinds if k not in LINEAR_KINDS]
+        if bad:
+            raise ConfigError(f"unknown WINA linear kind(s) {bad}; valid: {', '.join(LINEAR_KINDS)}")
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """``||W[:, j]||_2`` for a linear weight of shape (out, in), as fp32."""
+    return weight.detach().to(torch.float32).norm(dim=0)
+
+
+def score_thresholds(T: float, norms: torch.Tensor) -> torch.Tensor:
+    """Per-channel thresholds on |v_j|: ``T / ||W[:, j]||`` (+inf for a zero column, 0 if T = 0)."""
+    n = norms.to(torch.float64)
+    if T <= 0:
+        return torch.zeros_like(n, dtype=torch.float32)
+    return torch.where(n > 0, T / n.clamp_min(1e-300), torch.full_like(n, float("inf"))).to(torch.float32)
