@@ -1,0 +1,66 @@
+"""`actsparse pplp`: PPL-p% sparsity (Sparsing Law): the sparsity reached when validation
+perplexity rises by p% — by bisection on one CETT value shared by all layers, and optionally
+on the uniform sparsity of other method families."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actsparse.commands.common import add_model_options, apply_threads
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "pplp", help="PPL-p%% sparsity: bisection so that validation perplexity rises by p%%",
+        description="Bisects one CETT value shared by all layers (per layer, the threshold on "
+                    "|h_i|*||W_down[:,i]|| giving that CETT) so that validation perplexity rises by at most p%%, "
+                    "and reports the sparsity reached. --methods adds a bisection on the uniform sparsity of "
+                    "other families (teal, cats, chess, topk, wina).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_options(p)
+    p.add_argument("--p", type=float, default=1.0, help="allowed perplexity rise in percent")
+    p.add_argument("--methods", default="cett", help="comma-separated families to search (cett always makes sense)")
+    p.add_argument("--data", default="wiki")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=2048, help="validation-split tokens per evaluation")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=7, help="bisection steps per family")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--into", type=Path, default=None, help="also store them under 'pplp' in this sweep JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import actsparse as asp
+    from actsparse.commands.sparsify import make_config
+    from actsparse.data.text import text, token_windows
+    from actsparse.eval.perplexity import perplexity, ppl_p_search
+    from actsparse.io import read_json, write_json
+    from actsparse.sparsify.api import calibrate
+
+    apply_threads(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        make_config(m, 0.5)
+    model, tok = asp.load(args.model, dtype=args.dtype)
+    cal = token_windows(tok, text(args.data, "calibration"), window=args.window, max_tokens=args.calib_tokens)
+    val = token_windows(tok, text(args.data, "validation"), window=args.window, max_tokens=args.tokens)
+    stats = calibrate(model, [make_config(m, 0.5) for m in methods], cal, progress=not args.no_progress)
+    dense = perplexity(model, val)
+    results = {}
+    for m in methods:
+        hi = 0.5 if m == "cett" else 0.8
+        r = ppl_p_search(model, lambda x, m=m: make_config(m, x), stats, val, dense.ppl, p=args.p, hi=hi,
+                         steps=args.steps)
+        r["protocol"].update({"data": args.data, "split": "validation", "calibration_tokens": cal.tokens})
+        results[m] = r
+        print(f"{m}: PPL-{args.p:g}% knob {r['knob']:.4f}, x{r['ratio']:.4f}, reached {r['reached_sparsity']}, "
+              f"bytes skipped {r['bytes_skipped']:.3f}", flush=True)
+    if args.json:
+        write_json(args.json, {"model": args.model, "p": args.p, "dense_validation": dense.to_dict(), "results": results})
+    if args.into:
+        doc = read_json(args.into)
+        doc.setdefault("pplp", {}).update(results)
+        write_json(args.into, doc)
+    return 0
