@@ -20,6 +20,11 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
     p.add_argument("--model", default="smollm2-135m", help="model to run the demo on")
     p.add_argument("--tokens", type=int, default=4096, help="tokens to profile")
+    p.add_argument("--quality-tokens", type=int, default=2048,
+                   help="tokens for the quality part: calibration split for thresholds, test split for perplexity "
+                        "(0 skips it)")
+    p.add_argument("--quality-methods", default="teal,cats,chess,topk,wina", help="methods evaluated at --quality-sparsity")
+    p.add_argument("--quality-sparsity", type=float, default=0.5, help="target sparsity of the quality part")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -39,6 +44,49 @@ def run(args) -> int:
     prof.save(out / "profile")
     report = Report(f"actsparse demo: {args.model}")
     add_profile_section(report, read_json(out / "profile" / "profile.json"), out)
+    if args.quality_tokens:
+        _quality(args, model, tok, report, out)
     md, html = report.write(out)
     print(f"wrote {md} and {html}")
     return 0
+
+
+def _quality(args, model, tok, report, out: Path) -> None:
+    """Calibrate each method on the calibration split, evaluate on the test split, add a section."""
+    from actsparse.commands.sparsify import make_config
+    from actsparse.commands.sweep import model_slug
+    from actsparse.data.text import text, token_windows
+    from actsparse.eval.perplexity import perplexity
+    from actsparse.io import read_json, write_json
+    from actsparse.report.quality_report import add_quality_section
+    from actsparse.sparsify.api import calibrate, desparsify_, sparsify_, thresholds_table
+
+    methods = [m.strip() for m in args.quality_methods.split(",") if m.strip()]
+    s = args.quality_sparsity
+    window = 512
+    cal = token_windows(tok, text("wiki", "calibration"), window=window, max_tokens=args.quality_tokens)
+    test = token_windows(tok, text("wiki", "test"), window=window, max_tokens=args.quality_tokens)
+    stats = calibrate(model, [make_config(m, s) for m in methods], cal, progress=not args.no_progress)
+    dense = perplexity(model, test)
+    doc = {"model": args.model, "dtype": "float32",
+           "protocol": {"data": "wiki", "calibration": {"split": "calibration", "tokens": cal.tokens, "window": window},
+                        "evaluation": {"split": "test", "window": window, "windows": len(test), "stride": window}},
+           "dense": dense.to_dict(), "results": []}
+    thresholds = {}
+    for m in methods:
+        sparsify_(model, make_config(m, s), stats=stats)
+        try:
+            r = perplexity(model, test)
+            thresholds[m] = thresholds_table(model)
+        finally:
+            desparsify_(model)
+        doc["results"].append({"method": m, "target": s, "ppl": r.ppl, "ratio": r.ppl / dense.ppl,
+                               "reached_sparsity": r.reached_sparsity, "bytes_skipped": r.bytes_skipped})
+        print(f"{m} @ {s}: PPL {r.ppl:.2f} (dense {dense.ppl:.2f})", flush=True)
+    write_json(out / "quality.json", doc)
+    add_quality_section(report, doc, out, title=f"Quality at {s:.0%} target sparsity (demo budget)",
+                        thresholds=thresholds)
+    sweep = Path("benchmarks/results") / f"quality-{model_slug(args.model)}.json"
+    if sweep.is_file():
+        add_quality_section(report, read_json(sweep), out, plot_dir="plots/sweep",
+                            title=f"Quality vs sparsity (saved sweep {sweep})")
