@@ -59,3 +59,8 @@ def test_unknown_method_lists_valid():
 def test_frozen():
     with pytest.raises(Exception):
         TEAL().sparsity = 0.2
+
+
+def test_greedy_allocation_not_available_yet():
+    with pytest.raises(ConfigError, match="allocation"):
+        TEAL(allocation="greedy")

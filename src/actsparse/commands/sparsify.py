@@ -8,7 +8,6 @@ from actsparse.commands.common import add_data_options, add_model_options, apply
 
 VARIANTS = {
     "teal": ("teal", {}),
-    "teal-greedy": ("teal", {"allocation": "greedy"}),
     "cats": ("cats", {}),
     "chess": ("chess", {}),
     "chess-selective": ("chess", {"selective": True}),
@@ -19,7 +18,7 @@ VARIANTS = {
 
 
 def make_config(method: str, sparsity: float | None = None, *, cett: float | None = None, overrides=(), **extra):
-    """A config from a method name (or variant: teal-greedy, chess-selective) and a sparsity."""
+    """A config from a method name (or variant: chess-selective) and a sparsity."""
     from actsparse.config import config_class
     from actsparse.errors import ConfigError
 

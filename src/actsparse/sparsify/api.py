@@ -128,20 +128,12 @@ def _teal_requests(model, smap, config):
                 continue
             path = _role_path(smap, layer, kind)
             reqs.append(Request(_stats_key(path, "input"), path, "input"))
-    if config.allocation == "greedy":
-        from actsparse.sparsify.allocation import greedy_requests
-
-        reqs += greedy_requests(model, smap)
     return reqs
 
 
 def _teal_assign(model, smap, config, stats, *, sparsities: dict | None = None):
     from actsparse.sparsify.teal import INPUT_KINDS, magnitude_threshold
 
-    if config.allocation == "greedy" and sparsities is None:
-        from actsparse.sparsify.allocation import greedy_allocation
-
-        sparsities = greedy_allocation(model, smap, config, stats)
     out = []
     for layer in range(smap.num_layers):
         for kind in config.kinds:

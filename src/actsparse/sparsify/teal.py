@@ -2,7 +2,7 @@
 
 Keep ``v`` iff ``|v| > t``; per layer and per input kind, ``t`` is the s-quantile of ``|v|``
 on calibration data. q/k/v share one input (one threshold), gate/up share one input.
-Uniform s everywhere, or the block-wise greedy allocation of :mod:`.allocation`.
+Uniform s everywhere (the block-wise greedy allocation of the paper is not implemented yet).
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ INPUT_KINDS = {
     "mlp.gate": ("mlp.gate", "mlp.up"),
     "mlp.down": ("mlp.down",),
 }
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform",)  # the block-wise greedy allocation is not implemented yet
 
 
 @register_config
 @dataclass(frozen=True)
 class TEAL(SparsityConfig):
     """``sparsity``: target fraction of zeroed inputs; ``kinds``: which input kinds to sparsify;
-    ``allocation``: "uniform" or "greedy" (per-block, see :mod:`actsparse.sparsify.allocation`)."""
+    ``allocation``: "uniform" (the block-wise greedy allocation is not implemented yet)."""
 
     METHOD = "teal"
     VERSION = 1
