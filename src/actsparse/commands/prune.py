@@ -138,6 +138,8 @@ def run_experiment(args) -> int:
     from actsparse.prune.hosts import HOSTS
 
     _setup(args)
+    if args.quick:  # skip numba's JIT warm-up (~10-20 s): the torch reduction is fast at these sizes
+        os.environ.setdefault("ACTSPARSE_DISABLE_NUMBA", "1")
     sweep = QUICK if args.quick else SweepConfig()
     kw = {"dataset": args.dataset, "rate": args.rate}
     if args.models:
