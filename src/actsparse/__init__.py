@@ -21,6 +21,17 @@ _LAZY = {
     "Profile": "actsparse.measure.profile",
     "SiteStats": "actsparse.measure.accumulators",
     "metrics": "actsparse.measure",
+    "sparsify_": "actsparse.sparsify", "desparsify_": "actsparse.sparsify", "calibrate": "actsparse.sparsify",
+    "TEAL": "actsparse.sparsify", "CATS": "actsparse.sparsify", "CHESS": "actsparse.sparsify",
+    "TopK": "actsparse.sparsify", "WINA": "actsparse.sparsify", "CETT": "actsparse.sparsify",
+    "iter_sparse_modules": "actsparse.sparsify", "perplexity": "actsparse.eval.perplexity",
+    "save_plan": "actsparse.sparsify.plan", "load_plan": "actsparse.sparsify.plan",
+    "relufy_": "actsparse.train.relufy", "fatrelu_": "actsparse.train.fatrelu", "FATReLU": "actsparse.train.fatrelu",
+    "ProSparse": "actsparse.train.schedule", "ActivationL1": "actsparse.train.losses",
+    "TopKActivation": "actsparse.train.topk", "DeltaActivation": "actsparse.train.delta",
+    "redo_reset_": "actsparse.train.redo", "dormant_masks": "actsparse.train.redo",
+    "drm_perturb_": "actsparse.train.redo", "ReLUBalance": "actsparse.train.balance",
+    "finetune": "actsparse.train.loop", "FinetuneConfig": "actsparse.train.loop",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -16,8 +16,13 @@ from actsparse.errors import ActsparseError
 COMMAND_MODULES = [
     "actsparse.commands.demo",
     "actsparse.commands.profile",
-    "actsparse.commands.prune",
+    "actsparse.commands.sparsify",
+    "actsparse.commands.eval",
+    "actsparse.commands.sweep",
+    "actsparse.commands.pplp",
     "actsparse.commands.bench",
+    "actsparse.commands.finetune",
+    "actsparse.commands.prune",
 ]
 
 

@@ -89,6 +89,21 @@ class Profile:
             }
         return out
 
+    def merge(self, other: "Profile") -> "Profile":
+        """Combine two profiles of the same model and sites (e.g. from two processes that
+        each saw part of the data): a new Profile whose statistics are the exact sums."""
+        if [s.name for s in self.sites] != [s.name for s in other.sites]:
+            raise ValueError("cannot merge profiles captured at different sites")
+        if self.meta.get("identity") != other.meta.get("identity"):
+            raise ValueError(f"cannot merge profiles of different models: {self.meta.get('identity')} "
+                             f"vs {other.meta.get('identity')}")
+        stats = {name: st.copy().merge(other.stats[name]) for name, st in self.stats.items()}
+        meta = dict(self.meta)
+        meta["data"] = dict(meta["data"], tokens=self.meta["data"]["tokens"] + other.meta["data"]["tokens"],
+                            merged_from=[self.meta["data"], other.meta["data"]])
+        meta["seconds"] = self.meta["seconds"] + other.meta["seconds"]
+        return Profile(meta, self.sites, stats)
+
     # ------------------------------------------------------------- persistence
     def to_json(self) -> dict:
         return {
