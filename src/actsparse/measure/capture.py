@@ -104,6 +104,25 @@ def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.movedim(1, -1).reshape(-1, t.shape[1]), False
 
 
+def attach_site_hooks(model: nn.Module, sites: list[Site], root_pre_hook, make_input_hook, make_output_hook) -> list:
+    """Register a root pre-hook (sees the forward's kwargs, e.g. ``attention_mask``) and one
+    hook per site; returns the handles. On any error, removes what it added and re-raises."""
+    handles = []
+    try:
+        handles.append(model.register_forward_pre_hook(root_pre_hook, with_kwargs=True))
+        for site in sites:
+            module = model.get_submodule(site.module_path)
+            if site.io == "input":
+                handles.append(module.register_forward_pre_hook(make_input_hook(site.name)))
+            else:
+                handles.append(module.register_forward_hook(make_output_hook(site.name)))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+    return handles
+
+
 class capture:
     """Context manager that captures streaming statistics at ``sites`` of ``model``.
 
@@ -134,18 +153,8 @@ class capture:
     def __enter__(self) -> "capture":
         if self._handles:
             raise RuntimeError("this capture session is already active")
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-            for site in self.sites:
-                module = self.model.get_submodule(site.module_path)
-                if site.io == "input":
-                    h = module.register_forward_pre_hook(self._make_input_hook(site.name))
-                else:
-                    h = module.register_forward_hook(self._make_output_hook(site.name))
-                self._handles.append(h)
-        except BaseException:
-            self._remove()
-            raise
+        self._handles = attach_site_hooks(self.model, self.sites, self._root_pre_hook,
+                                          self._make_input_hook, self._make_output_hook)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

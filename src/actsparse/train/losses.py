@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from actsparse.measure.capture import SiteSpec, resolve_sites
+from actsparse.measure.capture import SiteSpec, attach_site_hooks, resolve_sites
 
 
 def rows_and_mask(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,18 +59,8 @@ class GraphHooks:
     def __enter__(self):
         if self._handles:
             raise RuntimeError(f"this {type(self).__name__} session is already active")
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
-            for site in self.sites:
-                module = self.model.get_submodule(site.module_path)
-                if site.io == "input":
-                    h = module.register_forward_pre_hook(self._make_input_hook(site.name))
-                else:
-                    h = module.register_forward_hook(self._make_output_hook(site.name))
-                self._handles.append(h)
-        except BaseException:
-            self.remove()
-            raise
+        self._handles = attach_site_hooks(self.model, self.sites, self._root_pre_hook,
+                                          self._make_input_hook, self._make_output_hook)
         self._reset()
         return self
 
