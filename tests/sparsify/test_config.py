@@ -7,7 +7,7 @@ from actsparse.errors import ConfigError
 from actsparse.sparsify import CATS, CETT, CHESS, TEAL, TopK, WINA
 
 ALL = [TEAL(sparsity=0.3, overrides=(("model.layers.0.*", None), ("re:down_proj$", 0.7))),
-       TEAL(allocation="uniform", kinds=("mlp.down",)), CATS(sparsity=0.6), CHESS(selective=True, attention_sparsity=0.2),
+       TEAL(allocation="uniform", kinds=("mlp.down",)), TEAL(allocation="greedy", greedy_step=0.1), CATS(sparsity=0.6), CHESS(selective=True, attention_sparsity=0.2),
        TopK(sparsity=0.25, site="mlp.down:input"), WINA(sparsity=0.4, kinds=("mlp.down",)), CETT(cett=0.15)]
 
 
@@ -61,6 +61,7 @@ def test_frozen():
         TEAL().sparsity = 0.2
 
 
-def test_greedy_allocation_not_available_yet():
+def test_allocation_values():
+    assert TEAL(allocation="greedy").allocation == "greedy"
     with pytest.raises(ConfigError, match="allocation"):
-        TEAL(allocation="greedy")
+        TEAL(allocation="blockwise")

@@ -8,6 +8,10 @@ from pathlib import Path
 
 from actsparse.commands.common import add_model_options, apply_threads
 
+# default upper end of the bisection range: the CETT value for cett (PPL-1% lies near 0.03 on
+# SmolLM2), the uniform sparsity for the other families (PPL-1% lies below 0.4 for all of them)
+HI = {"cett": 0.25}
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,7 +19,7 @@ def register(sub) -> None:
         description="Bisects one CETT value shared by all layers (per layer, the threshold on "
                     "|h_i|*||W_down[:,i]|| giving that CETT) so that validation perplexity rises by at most p%%, "
                     "and reports the sparsity reached. --methods adds a bisection on the uniform sparsity of "
-                    "other families (teal, cats, chess, topk, wina).",
+                    "other families (teal, teal-greedy, cats, chess, topk, wina).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     p.add_argument("--p", type=float, default=1.0, help="allowed perplexity rise in percent")
@@ -25,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=int, default=2048, help="validation-split tokens per evaluation")
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--steps", type=int, default=7, help="bisection steps per family")
+    p.add_argument("--hi", type=float, default=None,
+                   help="upper end of the bisection range for every family (default: 0.25 for cett's CETT "
+                        "value, 0.6 for the sparsity of the other families)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--into", type=Path, default=None, help="also store them under 'pplp' in this sweep JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -50,17 +57,20 @@ def run(args) -> int:
     dense = perplexity(model, val)
     results = {}
     for m in methods:
-        hi = 0.5 if m == "cett" else 0.8
+        hi = args.hi if args.hi is not None else HI.get(m, 0.6)
         r = ppl_p_search(model, lambda x, m=m: make_config(m, x), stats, val, dense.ppl, p=args.p, hi=hi,
                          steps=args.steps)
         r["protocol"].update({"data": args.data, "split": "validation", "calibration_tokens": cal.tokens})
+        r["config"] = make_config(m, r["knob"]).to_dict()
         results[m] = r
         print(f"{m}: PPL-{args.p:g}% knob {r['knob']:.4f}, x{r['ratio']:.4f}, reached {r['reached_sparsity']}, "
               f"bytes skipped {r['bytes_skipped']:.3f}", flush=True)
-    if args.json:
-        write_json(args.json, {"model": args.model, "p": args.p, "dense_validation": dense.to_dict(), "results": results})
-    if args.into:
-        doc = read_json(args.into)
-        doc.setdefault("pplp", {}).update(results)
-        write_json(args.into, doc)
+        # written after every family, so an interrupted run keeps what it finished
+        if args.json:
+            write_json(args.json, {"model": args.model, "p": args.p, "dense_validation": dense.to_dict(),
+                                   "results": results})
+        if args.into:
+            doc = read_json(args.into)
+            doc.setdefault("pplp", {})[m] = r
+            write_json(args.into, doc)
     return 0

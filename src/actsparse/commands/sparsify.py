@@ -8,6 +8,7 @@ from actsparse.commands.common import add_data_options, add_model_options, apply
 
 VARIANTS = {
     "teal": ("teal", {}),
+    "teal-greedy": ("teal", {"allocation": "greedy"}),
     "cats": ("cats", {}),
     "chess": ("chess", {}),
     "chess-selective": ("chess", {"selective": True}),
@@ -52,6 +53,10 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help=f"one of: {', '.join(VARIANTS)}")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1)")
     p.add_argument("--cett", type=float, default=None, help="CETT target (method cett)")
+    p.add_argument("--allocation", choices=["uniform", "greedy"], default=None,
+                   help="TEAL only: uniform sparsity for every input kind, or the paper's block-wise greedy "
+                        "allocation (per block, parameter-weighted sparsity = --sparsity). Default: uniform "
+                        "(greedy for method teal-greedy)")
     p.add_argument("--override", action="append", default=[], metavar="PATTERN=S",
                    help="per-site sparsity by module-path glob (or re:REGEX); S='dense' leaves matches dense. "
                         "Repeatable, last match wins. Example: 'model.layers.0.*=dense'")
@@ -79,7 +84,14 @@ def run(args) -> int:
     from actsparse.sparsify.plan import save_plan
 
     apply_threads(args)
-    config = make_config(args.method, args.sparsity, cett=args.cett, overrides=parse_overrides(args.override))
+    extra = {}
+    if args.allocation is not None:
+        from actsparse.errors import ConfigError
+
+        if VARIANTS.get(args.method, ("",))[0] != "teal":
+            raise ConfigError(f"--allocation applies to TEAL only, not {args.method!r}")
+        extra["allocation"] = args.allocation
+    config = make_config(args.method, args.sparsity, cett=args.cett, overrides=parse_overrides(args.override), **extra)
     model, tok = asp.load(args.model, dtype=args.dtype)
     windows = token_windows(tok, text(args.data, args.split), window=args.window, max_tokens=args.tokens)
     sparsify_(model, config, calibration=windows, batch_size=args.batch_size, progress=not args.no_progress)

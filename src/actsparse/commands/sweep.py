@@ -20,7 +20,8 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     p.add_argument("--methods", default="teal,cats,chess,topk,wina",
-                   help="comma-separated: teal, cats, chess, chess-selective, topk, wina")
+                   help="comma-separated: teal, teal-greedy (TEAL with the block-wise greedy allocation), cats, "
+                        "chess, chess-selective, topk, wina")
     p.add_argument("--sparsity", default="0.3,0.4,0.5,0.6,0.7", help="comma-separated targets")
     p.add_argument("--data", default="wiki")
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration-split tokens")

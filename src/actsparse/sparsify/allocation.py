@@ -1,0 +1,281 @@
+"""TEAL's block-wise greedy sparsity allocation (``TEAL(allocation="greedy")``).
+
+Uniform TEAL gives every input kind of every block the same sparsity s. The greedy
+allocation keeps each block's *parameter-weighted* sparsity at s but spends it where it
+costs least:
+
+1. every input kind of the block (q/k/v input, o input, gate/up input, down input) starts
+   at sparsity 0;
+2. for each kind, try raising its sparsity by ``step`` (0.05: 5% more of the weight of the
+   linears reading that input can be skipped) and measure the block error; commit the kind
+   with the smallest error increase per newly skipped parameter;
+3. repeat until the block's parameter-weighted sparsity ``sum_k P_k s_k / sum_k P_k``
+   reaches s (``P_k``: weights of the linears reading kind k); the last step is shortened
+   so that it equals s exactly.
+
+The greedy decisions do not depend on s, so one path per block serves every target (it is
+computed lazily and cached per calibration sample; a sweep or a PPL-p% bisection pays once).
+The threshold of a kind at sparsity s is, as for uniform TEAL, the s-quantile of ``|v|``
+from the calibration histogram.
+
+**Block error.** The paper measures the error of the block output on calibration
+sequences. The calibration statistics keep token *rows* (the same tokens at every site of a
+block, subsampled across the calibration windows), not whole sequences, so attention cannot
+be re-run. On ``N`` such rows (dense inputs), with ``m_t(v) = v * (|v| > t)``::
+
+    E = (||dAttn||^2 + ||dMLP||^2) / (||Attn||^2 + ||MLP||^2)
+
+* ``MLP = down(act(gate(x)) * up(x))``; the sparse one masks ``x`` (gate/up threshold)
+  and ``h`` (down threshold), so the MLP part is exact.
+* ``Attn = o(a)`` with ``a`` the dense attention output (o's input). The sparse one is
+  ``o(m(a + rep(dv)))`` with ``dv = v(m(x)) - v(x)`` the value error from masking the
+  q/k/v input, repeated over the query heads of each key/value head: as if each token
+  attended to itself (an average over attended tokens would shrink it). The effect of
+  the q/k errors on the attention pattern is not modelled.
+* The attention error is not propagated into the MLP input.
+
+Both terms add to the residual stream, so their sum is (up to the residual itself) the
+error of the block output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from actsparse.errors import ConfigError
+
+KIND_ORDER = ("attn.q", "attn.o", "mlp.gate", "mlp.down")
+_NEEDED_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "mlp.act")
+
+
+def row_key(path: str, rows: int) -> str:
+    """Stats key of the token-row sample of ``path``'s input used by the greedy allocation."""
+    return f"{path}:input-rows/{rows}"
+
+
+def check_model(smap) -> None:
+    missing = [r for r in _NEEDED_ROLES if r not in smap.roles]
+    if smap.family == "generic" or not smap.gated or missing:
+        raise ConfigError(
+            "TEAL's greedy allocation needs a block with separate q/k/v/o projections and a gated MLP "
+            f"(LLaMA family); this model's map ({smap.family}) lacks {missing or 'a gated MLP'}. "
+            "Use allocation='uniform'")
+
+
+def row_requests(model, smap, config) -> list:
+    """Token-row samples of the q, o and gate inputs of every block (aligned rows)."""
+    from actsparse.sparsify.calibration import Request
+
+    check_model(smap)
+    out = []
+    for layer in range(smap.num_layers):
+        for role in ("attn.q", "attn.o", "mlp.gate"):
+            path = smap.module_path(layer, role)
+            out.append(Request(row_key(path, config.greedy_tokens), path, "input", sample_rows=config.greedy_tokens))
+    return out
+
+
+def _mask(v: torch.Tensor, t: float) -> torch.Tensor:
+    return v * (v.abs() > t) if t > 0 else v
+
+
+class BlockGreedy:
+    """The greedy path of one block. ``kinds``: the TEAL kinds being sparsified;
+    ``threshold(kind, s)``: the kind's threshold at sparsity s; ``rows``: dense input rows
+    ``{"attn.q": x_attn, "attn.o": a, "mlp.gate": x_mlp}`` (same tokens); ``mods``: the
+    block's modules by role; ``heads``: number of query heads."""
+
+    def __init__(self, kinds, params: dict[str, int], threshold, rows: dict, mods: dict, heads: int,
+                 step: float = 0.05, cap: float = 0.95):
+        self.kinds = [k for k in KIND_ORDER if k in kinds]
+        if not self.kinds:
+            raise ConfigError("greedy allocation: no TEAL input kind to allocate")
+        self.params = {k: params[k] for k in self.kinds}
+        self.total = float(sum(self.params.values()))
+        self.threshold = threshold
+        self.step = step
+        self.levels = int(math.floor(cap / step + 1e-9))  # highest grid index per kind
+        self.mods = mods
+        with torch.no_grad():
+            xa = rows["attn.q"].float()
+            a = rows["attn.o"].float()
+            xm = rows["mlp.gate"].float()
+            self.xa, self.a, self.xm = xa, a, xm
+            wv = mods["attn.v"].weight.float()
+            self.wv = wv
+            self.wo = mods["attn.o"].weight.float()
+            hd = a.shape[1] // heads
+            n_kv = wv.shape[0] // hd
+            if hd * heads != a.shape[1] or n_kv * hd != wv.shape[0] or heads % n_kv:
+                raise ConfigError(f"greedy allocation: cannot split o's input ({a.shape[1]}) into {heads} heads "
+                                  f"matching v's output ({wv.shape[0]})")
+            self.hd, self.n_kv, self.rep = hd, n_kv, heads // n_kv
+            self.attn_ref = F.linear(a, self.wo)
+            self.mlp_ref = self._mlp(xm)
+            self.den = float(self.attn_ref.pow(2).sum() + self.mlp_ref.pow(2).sum()) or 1.0
+        self._attn_cache: dict[tuple[int, int], float] = {}
+        self._mlp_cache: dict[tuple[int, int], float] = {}
+        self._thr_cache: dict[tuple[str, int], float] = {}
+        self.state = {k: 0 for k in self.kinds}  # grid index per kind
+        self.path = [(0.0, dict(self.state), None, self.error(self.state))]  # (weighted, state, raised kind, E)
+
+    # -------------------------------------------------------------- error
+    def _t(self, kind: str, i: int) -> float:
+        if kind not in self.kinds or i == 0:
+            return 0.0
+        key = (kind, i)
+        if key not in self._thr_cache:
+            self._thr_cache[key] = float(self.threshold(kind, i * self.step))
+        return self._thr_cache[key]
+
+    def _mlp(self, x: torch.Tensor, t_in: float = 0.0, t_h: float = 0.0) -> torch.Tensor:
+        m = self.mods
+        xm = _mask(x, t_in)
+        h = m["mlp.act"](m["mlp.gate"](xm)) * m["mlp.up"](xm)
+        return m["mlp.down"](_mask(h, t_h))
+
+    @torch.no_grad()
+    def _attn_err(self, iq: int, io: int) -> float:
+        key = (iq, io)
+        if key not in self._attn_cache:
+            a = self.a
+            tq = self._t("attn.q", iq)
+            if tq > 0:
+                dv = F.linear(_mask(self.xa, tq) - self.xa, self.wv)  # (N, n_kv * hd); bias cancels
+                dv = dv.view(-1, self.n_kv, 1, self.hd).expand(-1, self.n_kv, self.rep, self.hd)
+                a = a + dv.reshape(a.shape)
+            out = F.linear(_mask(a, self._t("attn.o", io)), self.wo)
+            self._attn_cache[key] = float((out - self.attn_ref).pow(2).sum())
+        return self._attn_cache[key]
+
+    @torch.no_grad()
+    def _mlp_err(self, ig: int, idn: int) -> float:
+        key = (ig, idn)
+        if key not in self._mlp_cache:
+            out = self._mlp(self.xm, self._t("mlp.gate", ig), self._t("mlp.down", idn))
+            self._mlp_cache[key] = float((out - self.mlp_ref).pow(2).sum())
+        return self._mlp_cache[key]
+
+    def error(self, state: dict) -> float:
+        """Relative squared block error ``E`` of a grid state (kind -> grid index)."""
+        g = state.get
+        return (self._attn_err(g("attn.q", 0), g("attn.o", 0)) + self._mlp_err(g("mlp.gate", 0), g("mlp.down", 0))) / self.den
+
+    def weighted(self, state: dict) -> float:
+        return sum(self.params[k] * state[k] * self.step for k in self.kinds) / self.total
+
+    # -------------------------------------------------------------- greedy
+    def extend_to(self, target: float) -> None:
+        """Greedy steps until the weighted sparsity reaches ``target`` (or every kind is at the cap)."""
+        while self.path[-1][0] < target - 1e-12:
+            cur = self.path[-1][3]
+            best = None
+            for k in self.kinds:
+                if self.state[k] >= self.levels:
+                    continue
+                cand = dict(self.state)
+                cand[k] += 1
+                e = self.error(cand)
+                cost = (e - cur) / (self.params[k] * self.step)
+                if best is None or cost < best[0]:
+                    best = (cost, k, cand, e)
+            if best is None:
+                return  # every kind at the cap
+            _, k, cand, e = best
+            self.state = cand
+            self.path.append((self.weighted(cand), dict(cand), k, e))
+
+    def allocation(self, target: float) -> dict[str, float]:
+        """Per-kind sparsities whose weighted sparsity is ``target`` (capped), from the path;
+        the last greedy step is shortened to land on ``target`` exactly."""
+        self.extend_to(target)
+        path = self.path
+        for i in range(1, len(path)):
+            if path[i][0] >= target - 1e-12:
+                w0, s0, _, _ = path[i - 1]
+                k = path[i][2]
+                out = {kk: s0[kk] * self.step for kk in self.kinds}
+                out[k] += (target - w0) * self.total / self.params[k]
+                return out
+        return {kk: self.path[-1][1][kk] * self.step for kk in self.kinds}
+
+
+# paths cached per (row samples, kinds, step, layer): a sweep or a bisection reuses them
+_PATHS: dict = {}
+
+
+def _heads(model) -> int:
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not heads:
+        raise ConfigError("greedy allocation needs model.config.num_attention_heads")
+    return int(heads)
+
+
+def block_greedy(model, smap, config, stats, layer: int) -> BlockGreedy:
+    from actsparse.sparsify.teal import INPUT_KINDS, magnitude_threshold
+
+    rows = {}
+    for role in ("attn.q", "attn.o", "mlp.gate"):
+        key = row_key(smap.module_path(layer, role), config.greedy_tokens)
+        if key not in stats:
+            raise ConfigError(f"greedy allocation needs the calibration sample {key}")
+        rows[role] = stats[key]
+    n = min(int(r.shape[0]) for r in rows.values())
+    if any(int(r.shape[0]) != n for r in rows.values()):
+        raise ConfigError(f"greedy allocation: the row samples of layer {layer} are not aligned")
+    kinds = tuple(k for k in config.kinds if k in smap.roles)
+    cache_key = (layer, kinds, config.greedy_step, tuple(id(r) for r in rows.values()))
+    hit = _PATHS.get(cache_key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], rows.values())):
+        return hit[1]
+    mods = {r: model.get_submodule(smap.module_path(layer, r)) for r in _NEEDED_ROLES}
+    params = {k: sum(mods[r].weight.numel() for r in INPUT_KINDS[k] if r in mods) for k in kinds}
+    src_stats = {k: stats[f"{smap.module_path(layer, k)}:input"] for k in kinds}
+    g = BlockGreedy(kinds, params, lambda k, s: magnitude_threshold(src_stats[k], s), rows, mods, _heads(model),
+                    step=config.greedy_step)
+    if len(_PATHS) > 4096:
+        _PATHS.clear()
+    _PATHS[cache_key] = (tuple(rows.values()), g)
+    return g
+
+
+def greedy_sparsities(model, smap, config, stats) -> dict[tuple[int, str], float]:
+    """``{(layer, kind): sparsity}`` from the block-wise greedy at ``config.sparsity``."""
+    check_model(smap)
+    out = {}
+    for layer in range(smap.num_layers):
+        alloc = block_greedy(model, smap, config, stats, layer).allocation(config.sparsity)
+        for k, s in alloc.items():
+            out[(layer, k)] = min(max(s, 0.0), 0.99)
+    return out
+
+
+# ---------------------------------------------------------------- handler
+def _requests(model, smap, config):
+    from actsparse.sparsify import api
+
+    reqs = api._teal_requests(model, smap, config)
+    if config.allocation == "greedy":
+        reqs = reqs + row_requests(model, smap, config)
+    return reqs
+
+
+def _assign(model, smap, config, stats):
+    from actsparse.sparsify import api
+
+    sparsities = greedy_sparsities(model, smap, config, stats) if config.allocation == "greedy" else None
+    return api._teal_assign(model, smap, config, stats, sparsities=sparsities)
+
+
+def install_handler() -> None:
+    """Make TEAL's registered handler allocation-aware (uniform or greedy). Idempotent; called
+    when a greedy TEAL config is made."""
+    from actsparse.sparsify import api
+    from actsparse.sparsify.teal import TEAL
+
+    h = api.HANDLERS.get(TEAL)
+    if h is None or h.assign is not _assign:
+        api.register_handler(TEAL, requests=_requests, assign=_assign)
