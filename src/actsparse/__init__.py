@@ -32,6 +32,7 @@ _LAZY = {
     "redo_reset_": "actsparse.train.redo", "dormant_masks": "actsparse.train.redo",
     "drm_perturb_": "actsparse.train.redo", "ReLUBalance": "actsparse.train.balance",
     "finetune": "actsparse.train.loop", "FinetuneConfig": "actsparse.train.loop",
+    "accelerate_": "actsparse.decode", "deaccelerate_": "actsparse.decode", "FastDecoder": "actsparse.decode",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

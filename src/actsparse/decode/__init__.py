@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import actsparse.kernels  # noqa: F401  (sets NUMBA_CACHE_DIR before numba is imported)
+from actsparse.decode.accelerate import AccelerationReport, accelerate_, deaccelerate_
 from actsparse.decode.fast import FastDecoder, GenerationResult
 
-__all__ = ["FastDecoder", "GenerationResult"]
+__all__ = ["AccelerationReport", "FastDecoder", "GenerationResult", "accelerate_", "deaccelerate_"]

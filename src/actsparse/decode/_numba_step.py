@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from actsparse.kernels.numba_cpu import (
     _JIT,
+    _accumulate,
     _act,
     _compact,
     _chunk,
@@ -52,12 +53,21 @@ def _topk_threshold(x, k):
 
 
 @njit(parallel=True, **_JIT)
-def _dense_rows(xf, w, out, nthreads):
-    """out = w @ xf on the normal (out x in) layout, rows split over threads."""
+def _dense_rows_parallel(xf, w, out, nthreads):
     M = w.shape[0]
     for t in prange(nthreads):
         i0, i1 = _chunk(t, nthreads, M)
         _range_dot(w, i0, i1, xf, out)
+
+
+@njit(**_JIT)
+def _dense_rows(xf, w, out, nthreads):
+    """out = w @ xf on the normal (out x in) layout, rows split over threads. With one
+    thread no parallel region is entered (each costs microseconds, hundreds per token)."""
+    if nthreads == 1:
+        _range_dot(w, 0, w.shape[0], xf, out)
+    else:
+        _dense_rows_parallel(xf, w, out, nthreads)
 
 
 @njit(**_JIT)
@@ -74,7 +84,10 @@ def _linear(x, mode, w, wt, thr, ts, k, bias, out, idx, vals, nthreads):
             n = _compact(x, t1, 0, idx, vals)
         else:
             n = _compact(x, thr, ts, idx, vals)
-        _sparse_rows_matvec(wt, idx, vals, n, out, nthreads)
+        if nthreads == 1:
+            _accumulate(wt, idx, vals, 0, n, out)
+        else:
+            _sparse_rows_matvec(wt, idx, vals, n, out, nthreads)
     if bias.shape[0] > 0:
         for j in range(out.shape[0]):
             out[j] += bias[j]
@@ -105,39 +118,56 @@ def _rope(x, n_heads, hd, cos, sin):
 
 
 @njit(parallel=True, **_JIT)
-def _attention(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out):
-    """out[h] = softmax(q_h . K / sqrt(d)) V over positions < T, per head (GQA)."""
+def _attention_parallel(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out):
     for h in prange(n_heads):
-        kv = h // n_rep
-        scores = np.empty(T, np.float32)
-        qb = h * hd
-        mx = -np.inf
-        for t in range(T):
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += q[qb + d] * k_cache[kv, t, d]
-            s *= scale
-            scores[t] = s
-            mx = max(mx, s)
-        tot = np.float32(0.0)
-        for t in range(T):
-            e = np.float32(np.exp(scores[t] - mx))
-            scores[t] = e
-            tot += e
+        _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out)
+
+
+@njit(**_JIT)
+def _attention(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out, nthreads):
+    """out[h] = softmax(q_h . K * scale) V over positions < T, per head (GQA)."""
+    if nthreads == 1:
+        for h in range(n_heads):
+            _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out)
+    else:
+        _attention_parallel(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out)
+
+
+@njit(**_JIT)
+def _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out):
+    kv = h // n_rep
+    scores = np.empty(T, np.float32)
+    qb = h * hd
+    mx = -np.inf
+    for t in range(T):
+        s = np.float32(0.0)
         for d in range(hd):
-            out[qb + d] = 0.0
-        inv = np.float32(1.0) / tot
-        for t in range(T):
-            p = scores[t] * inv
-            for d in range(hd):
-                out[qb + d] += p * v_cache[kv, t, d]
+            s += q[qb + d] * k_cache[kv, t, d]
+        s *= scale
+        scores[t] = s
+        mx = max(mx, s)
+    tot = np.float32(0.0)
+    for t in range(T):
+        e = np.float32(np.exp(scores[t] - mx))
+        scores[t] = e
+        tot += e
+    for d in range(hd):
+        out[qb + d] = 0.0
+    inv = np.float32(1.0) / tot
+    for t in range(T):
+        p = scores[t] * inv
+        for d in range(hd):
+            out[qb + d] += p * v_cache[kv, t, d]
 
 
 @njit(**_JIT)
 def _kept_up(xf, w_up, idx, vals, n, nthreads):
     """vals[k] *= w_up[idx[k]] . xf for k < n."""
     u = np.empty(n, np.float32)
-    _rows_dot_parallel(w_up, idx, n, xf, u, nthreads)
+    if nthreads == 1:
+        _rows_dot(w_up, idx, 0, n, xf, u)
+    else:
+        _rows_dot_parallel(w_up, idx, n, xf, u, nthreads)
     for j in range(n):
         vals[j] *= u[j]
 
@@ -192,7 +222,7 @@ def decode_token(
             for d in range(hd):
                 k_cache[layer, g, pos, d] = kx[g * hd + d]
                 v_cache[layer, g, pos, d] = vx[g * hd + d]
-        _attention(q, k_cache[layer], v_cache[layer], pos + 1, n_heads, n_rep, hd, scale, att)
+        _attention(q, k_cache[layer], v_cache[layer], pos + 1, n_heads, n_rep, hd, scale, att, nthreads)
         counts[layer, 3] += _linear(att, modes[layer, 3], ws[b + 3], wts[b + 3], thrs[b + 3], tss[layer, 3], ks[layer, 3], biases[b + 3], o, idx, vals, nthreads)
         for i in range(D):
             h[i] += o[i]

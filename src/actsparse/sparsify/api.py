@@ -451,6 +451,9 @@ def install(model: nn.Module, config: SparsityConfig, assignments: list[Assignme
 
 def desparsify_(model: nn.Module) -> None:
     """Put back the original modules (the very objects that were wrapped). No-op if dense."""
+    from actsparse.decode.accelerate import deaccelerate_
+
+    deaccelerate_(model)
     state = getattr(model, STATE_ATTR, None)
     for path, original in (state.originals.items() if state else ()):
         model.set_submodule(path, original)

@@ -1,0 +1,148 @@
+"""``accelerate_(model)``: kernel-backed sparse linears for ``model.generate``.
+
+Every :class:`MaskedLinear` of a sparsified model becomes a :class:`KernelLinear`: for a
+single token (batch 1, one position, no gradient) it runs the input-sparse GEMV on a
+transposed copy of its weight; for anything else (prefill, batch > 1, training) it is the
+masked dense forward it replaced. In an MLP whose activation is thresholded (CATS, CHESS,
+Top-K on the activation), the down projection's input has exact zeros: its linear becomes
+a :class:`ZeroSkipLinear` that reads only the rows of the non-zero inputs.
+
+This works on any architecture sparsify_ supports, but Hugging Face's per-token overhead
+stays (~15 ms per token for SmolLM2); :class:`~actsparse.decode.FastDecoder` removes it
+for LLaMA-style models. ``deaccelerate_`` (also called by ``desparsify_``) undoes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.errors import ConfigError
+from actsparse.kernels import sparse_input_gemv, to_kernel_layout
+from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, iter_sparse_modules
+
+ACCEL_ATTR = "_actsparse_accelerated"
+
+
+def _single_token(x: torch.Tensor, width: int) -> bool:
+    return x.numel() == width and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+class KernelLinear(MaskedLinear):
+    """A :class:`MaskedLinear` whose single-token forward runs the sparse kernel."""
+
+    def __init__(self, masked: MaskedLinear):
+        super().__init__(masked.linear, masked.threshold if masked.mode == "threshold" else None,
+                         mode=masked.mode, k=masked.k, site_kind=masked.site_kind, skips=masked.skips)
+        self._token_mask = masked._token_mask
+        self.counting = masked.counting
+        self.register_buffer("wt", to_kernel_layout(masked.weight), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _single_token(x, self.in_features):
+            return super().forward(x)
+        if self.mode == "topk":  # the threshold that keeps exactly the top k
+            keep = self.keep_mask(x)
+            if self.k >= self.in_features:
+                thr = -1.0
+            elif self.k == 0:
+                thr = float("inf")
+            else:
+                thr = float(x.float().abs()[~keep].max())
+        else:
+            keep = self.keep_mask(x) if self.counting else None
+            thr = self.threshold
+        if self.counting:
+            self._count(keep)
+        y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, thr)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class ZeroSkipLinear(nn.Module):
+    """A linear whose single-token forward skips the weight rows of exact-zero inputs
+    (the masked neurons of a thresholded MLP activation); the same result as the linear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        object.__setattr__(self, "linear", linear)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("wt", to_kernel_layout(linear.weight), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _single_token(x, self.in_features):
+            return F.linear(x, self.weight, self.bias)
+        y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, 0.0)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@dataclass
+class AccelerationReport:
+    kernel_linears: int
+    zero_skip_linears: int
+    transposed_copy_bytes: int
+    model_weight_bytes: int
+
+    @property
+    def copy_overhead(self) -> float:
+        return self.transposed_copy_bytes / self.model_weight_bytes if self.model_weight_bytes else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"kernel_linears": self.kernel_linears, "zero_skip_linears": self.zero_skip_linears,
+                "transposed_copy_bytes": self.transposed_copy_bytes, "model_weight_bytes": self.model_weight_bytes,
+                "copy_overhead": self.copy_overhead}
+
+    def __str__(self) -> str:
+        return (f"{self.kernel_linears} kernel linears, {self.zero_skip_linears} zero-skipping down projections; "
+                f"transposed copies {self.transposed_copy_bytes / 2**20:.1f} MiB "
+                f"(+{100 * self.copy_overhead:.0f}% of the weights)")
+
+
+def accelerate_(model: nn.Module) -> AccelerationReport:
+    """Swap the sparse linears of a sparsified ``model`` for kernel-backed ones, in place."""
+    if getattr(model, ACCEL_ATTR, None) is not None:
+        raise ConfigError("the model is already accelerated (call deaccelerate_ first)")
+    sparse = list(iter_sparse_modules(model))
+    if not sparse:
+        raise ConfigError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
+    replaced: dict[str, nn.Module] = {}
+    copy_bytes = n_kernel = n_zero = 0
+    for path, m in sparse:
+        if isinstance(m, MaskedLinear):
+            new = KernelLinear(m)
+            n_kernel += 1
+        elif isinstance(m, ThresholdedActivation):
+            down_path = path.rsplit(".", 1)[0] + ".down_proj"
+            try:
+                down = model.get_submodule(down_path)
+            except AttributeError:
+                continue  # not a LLaMA-style gated MLP: the masked dense path stays
+            if type(down) is not nn.Linear:
+                continue  # already a sparse linear (TEAL on down): it skips the zeros itself
+            path, m, new = down_path, down, ZeroSkipLinear(down)
+            n_zero += 1
+        else:
+            continue
+        copy_bytes += new.wt.numel() * new.wt.element_size()
+        replaced[path] = m
+        model.set_submodule(path, new)
+    object.__setattr__(model, ACCEL_ATTR, replaced)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return AccelerationReport(n_kernel, n_zero, copy_bytes, weights)
+
+
+def deaccelerate_(model: nn.Module) -> None:
+    """Undo :func:`accelerate_` (the masked modules come back); no-op if not accelerated."""
+    replaced = getattr(model, ACCEL_ATTR, None)
+    if replaced is None:
+        return
+    for path, m in replaced.items():
+        model.set_submodule(path, m)
+    object.__delattr__(model, ACCEL_ATTR)
