@@ -146,5 +146,86 @@ def _print_table(result) -> None:
               f"{r['effective_GBps']:>6.1f}  {r['best_dense']} {r['best_dense_ms']:.2f} ms")
 
 
-# benchmarks in --help order; add new ones here (e.g. _register_decode)
-_BENCHES = [_register_kernel]
+def _register_decode(sub) -> None:
+    p = sub.add_parser(
+        "decode",
+        help="end-to-end batch-1 decode tokens/s, dense vs sparse",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Greedy batch-1 decoding, dense vs sparse, same dtype and threads, engines interleaved
+in a random order in every repeat:
+
+  hf-dense     Hugging Face model.generate, dense model
+  hf-sparse    model.generate after accelerate_ (sparse kernels per linear)
+  fast-dense   actsparse FastDecoder, dense (one compiled call per token)
+  fast-sparse  FastDecoder on the sparsified model
+
+The plan (--method/--sparsity) is calibrated on the wiki calibration split. The
+model llama-1.1b is a LLaMA-shaped model of 1.1B parameters with random weights
+(thresholds calibrated the same way); the HF engines are skipped for models above
+--hf-max-params (HF bf16 decoding of 1B parameters on this CPU is far slower than
+the best dense engine). Reports tokens/s (median, p10/p90), speedup over the best
+dense engine, bytes per token, effective GB/s and the fraction of the Amdahl
+ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
+        epilog="example: actsparse bench decode --models smollm2-135m --dtypes bfloat16 --threads 1 --repeats 3",
+    )
+    p.add_argument("--models", type=_csv(str), default=["smollm2-135m", "llama-1.1b"], metavar="M[,M]",
+                   help="models: embedded names, local dirs, HF ids, or llama-1.1b (default: smollm2-135m,llama-1.1b)")
+    p.add_argument("--method", default="teal", help="sparsification method of the plan (default teal)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
+    p.add_argument("--dtypes", type=_csv(str), default=["bfloat16", "float32"], metavar="D[,D]",
+                   help="weight dtypes: bfloat16, float32 (default both)")
+    p.add_argument("--threads", type=_csv(int), default=[1, 2], metavar="N[,N]", help="thread counts (default 1,2)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32, wiki test text)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per engine and group (default 5)")
+    p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens for the plan (default 1024)")
+    p.add_argument("--hf-max-params", type=float, default=3e8,
+                   help="run the HF engines only for models up to this many parameters (default 3e8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/decode.json",
+                   help="JSON output path (default benchmarks/results/decode.json)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_decode)
+
+
+def _run_decode(args) -> int:
+    from pathlib import Path
+
+    from actsparse.eval import bench_decode as bd
+    from actsparse.io import write_json
+
+    bad = [d for d in args.dtypes if d not in ("bfloat16", "float32")]
+    if bad:
+        raise ConfigError(f"unknown dtype(s) {bad}; choose from bfloat16, float32")
+    if any(t < 1 for t in args.threads):
+        raise ConfigError("--threads must be positive integers")
+    if not 0 <= args.sparsity < 1:
+        raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.new_tokens < 3 or args.prompt_tokens < 1 or args.repeats < 1:
+        raise ConfigError("--new-tokens must be >= 3, --prompt-tokens and --repeats >= 1")
+    result = bd.run(args.models, method=args.method, sparsity=args.sparsity, dtypes=args.dtypes,
+                    threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                    repeats=args.repeats, calib_tokens=args.calib_tokens, hf_max_params=args.hf_max_params,
+                    seed=args.seed, progress=not args.no_progress)
+    out = write_json(args.out, result)
+    print(f"wrote {out}")
+    if not args.no_plot:
+        print(f"wrote {bd.plot(result, Path(out).with_suffix('.png'))}")
+    print_decode_table(result)
+    return 0
+
+
+def print_decode_table(result) -> None:
+    print(f"{'model':>14} {'dtype':>8} {'thr':>3} " + " ".join(f"{e:>11}" for e in ("hf-dense", "hf-sparse",
+          "fast-dense", "fast-sparse")) + f" {'speedup':>7} {'ceiling':>7} {'of ceil':>7}")
+    for g in result["groups"]:
+        cells = " ".join(f"{g['engines'][e]['median']:>11.1f}" if e in g["engines"] else f"{'-':>11}"
+                         for e in ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse"))
+        print(f"{g['model']:>14} {g['dtype']:>8} {g['threads']:>3} {cells} {g['speedup']:>7.2f} "
+              f"{g['amdahl_ceiling']:>7.2f} {g['fraction_of_ceiling']:>7.2f}")
+
+
+# benchmarks in --help order; add new ones here
+_BENCHES = [_register_kernel, _register_decode]

@@ -1,0 +1,289 @@
+"""End-to-end batch-1 decode benchmark: tokens/s dense vs sparse, same dtype and threads.
+
+Engines, timed in a random order in every repeat (same prompt, greedy, fixed length):
+
+* ``hf-dense``     Hugging Face ``model.generate`` on the dense model;
+* ``hf-sparse``    ``model.generate`` after :func:`accelerate_` (kernels per linear);
+* ``fast-dense``   :class:`FastDecoder` with ``dense=True`` (one compiled call per token);
+* ``fast-sparse``  :class:`FastDecoder` on the sparsified model.
+
+Decode throughput counts the tokens after the first (the prefill makes the first one).
+Weights stream from DRAM on every token (the smallest case, SmolLM2 in bf16, reads
+~270 MB per token against a 32 MiB L3), so no extra cache flush is needed. Reported per
+(model, dtype, threads): medians and p10/p90 of tokens/s, the speedup of fast-sparse
+over the best dense engine, the bytes read per token (block linears at the sparsity
+reached during decoding, plus the dense lm_head), effective GB/s, and the fraction of
+the Amdahl ceiling ``1 / ((1 - f) + f (1 - s))`` reached, f the share of weight bytes in
+the sparsified matrices and s their reached sparsity.
+
+Models: an embedded / HF model with a plan calibrated on the wiki calibration split, and
+``llama-1.1b`` — a LLaMA-shaped model of 1.1B parameters (TinyLlama's shape) with random
+weights, whose thresholds are calibrated the same way (token ids of real text modulo its
+vocabulary) so that each site reaches the target sparsity.
+"""
+from __future__ import annotations
+
+import gc
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from actsparse.errors import ConfigError
+
+SYNTHETIC = {
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
+}
+ENGINES = ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse")
+ROLE_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def build_synthetic(name: str, seed: int = 0):
+    """A randomly initialised LLaMA-shaped model (fp32) and the SmolLM2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actsparse.models.loading import load
+
+    if name not in SYNTHETIC:
+        raise ConfigError(f"unknown synthetic model {name!r}; choose from {', '.join(SYNTHETIC)}")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**SYNTHETIC[name])
+    model = LlamaForCausalLM(cfg).eval()
+    _, tok = load("smollm2-135m")
+    return model, tok
+
+
+def load_model(name: str, seed: int = 0):
+    from actsparse.models.loading import load
+
+    if name in SYNTHETIC:
+        return build_synthetic(name, seed)
+    return tuple(load(name))
+
+
+def calibration_windows(model, tok, tokens: int, window: int = 256):
+    from actsparse.data.text import text, token_windows
+
+    win = token_windows(tok, text("wiki", "calibration"), window=window, max_tokens=tokens)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    win.input_ids.remainder_(vocab)
+    return win
+
+
+def prompt_ids(tok, model, n: int) -> torch.Tensor:
+    from actsparse.data.text import text
+
+    ids = tok("\n".join(text("wiki", "test")[:4]), return_tensors="pt").input_ids[0][:n]
+    return ids % model.get_input_embeddings().weight.shape[0]
+
+
+class _FirstTokenClock:
+    """A generate() streamer that timestamps each put (the prompt, then each new token)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _hf_run(model, ids, n_new: int) -> float:
+    clock = _FirstTokenClock()
+    with torch.no_grad():
+        model.generate(ids[None], max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=clock,
+                       pad_token_id=0)
+    t = clock.times[1:]  # new tokens
+    return (len(t) - 1) / (t[-1] - t[0])
+
+
+def _fast_run(dec, ids, n_new: int) -> float:
+    return dec.generate(ids, n_new).tokens_per_s
+
+
+def weight_bytes(model) -> dict:
+    """Bytes per decoded token by part: block linears per role, and the lm_head."""
+    from actsparse.decode.fast import _ROLE_PATHS
+
+    layers = model.get_submodule("model").layers
+    per_role = {}
+    for name, rel in zip(ROLE_NAMES, _ROLE_PATHS):
+        per_role[name] = sum(l.get_submodule(rel).weight.numel() * l.get_submodule(rel).weight.element_size()
+                             for l in layers)
+    head = model.get_output_embeddings().weight
+    return {"roles": per_role, "lm_head": head.numel() * head.element_size()}
+
+
+def bytes_per_token(wb: dict, skipped: dict | None) -> float:
+    total = wb["lm_head"] + sum(wb["roles"].values())
+    if skipped:
+        total -= sum(wb["roles"][r] * max(0.0, skipped.get(r, 0.0)) for r in ROLE_NAMES)
+    return float(total)
+
+
+def _summary(xs: list[float]) -> dict:
+    a = np.asarray(xs, float)
+    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90)),
+            "runs": [float(x) for x in a]}
+
+
+def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: int, prompt_tokens: int,
+                repeats: int, rng: random.Random, sparsify, progress=None) -> dict:
+    """Time every engine on ``model`` (sparsified by ``sparsify()`` when needed)."""
+    from actsparse.decode import FastDecoder, accelerate_, deaccelerate_
+    from actsparse.sparsify.api import desparsify_, is_sparsified
+
+    torch.set_num_threads(threads)
+    ids = prompt_ids(tok, model, prompt_tokens)
+    max_len = prompt_tokens + new_tokens + 1
+    if not is_sparsified(model):
+        sparsify()
+    fast_sparse = FastDecoder(model, max_len=max_len)
+    fast_dense = FastDecoder(model, max_len=max_len, dense=True)
+    decoders = {"fast-dense": fast_dense, "fast-sparse": fast_sparse}
+    for d in decoders.values():  # compile / warm up
+        d.generate(ids, 4)
+    runs = {e: [] for e in engines}
+    state = {"hf": None}
+
+    def hf_mode(mode):
+        if state["hf"] == mode:
+            return
+        deaccelerate_(model)
+        if mode == "hf-dense":
+            desparsify_(model)
+        else:
+            if not is_sparsified(model):
+                sparsify()
+            accelerate_(model)
+        state["hf"] = mode
+        _hf_run(model, ids, 3)  # warm
+
+    for _ in range(repeats):
+        order = list(engines)
+        rng.shuffle(order)
+        for e in order:
+            if e.startswith("hf"):
+                hf_mode(e)
+                runs[e].append(_hf_run(model, ids, new_tokens))
+            else:
+                runs[e].append(_fast_run(decoders[e], ids, new_tokens))
+            if progress is not None:
+                progress.update(1)
+    deaccelerate_(model)
+    if not is_sparsified(model):
+        sparsify()
+    skipped = fast_sparse.decode_sparsity()
+    wb = weight_bytes(model)
+    dense_b, sparse_b = bytes_per_token(wb, None), bytes_per_token(wb, skipped)
+    stats = {e: _summary(v) for e, v in runs.items()}
+    dense_engines = [e for e in engines if e.endswith("dense")]
+    best_dense = max(dense_engines, key=lambda e: stats[e]["median"])
+    out = {"dtype": dtype, "threads": threads, "engines": stats, "best_dense": best_dense,
+           "decode_sparsity": skipped, "sparse_roles": fast_sparse.sparse_roles,
+           "bytes_per_token": {"dense": dense_b, "sparse": sparse_b, "lm_head": wb["lm_head"],
+                               "block_linears": sum(wb["roles"].values())},
+           "memory": fast_sparse.memory_report(), "new_tokens": new_tokens, "prompt_tokens": int(ids.numel())}
+    ceiling = dense_b / sparse_b
+    for e in engines:
+        tps = stats[e]["median"]
+        out.setdefault("effective_GBps", {})[e] = tps * (sparse_b if e.endswith("sparse") else dense_b) / 1e9
+    if "fast-sparse" in stats:
+        speedup = stats["fast-sparse"]["median"] / stats[best_dense]["median"]
+        out.update(speedup=speedup, amdahl_ceiling=ceiling, fraction_of_ceiling=speedup / ceiling)
+    if "hf-sparse" in stats and "hf-dense" in stats:
+        out["hf_speedup"] = stats["hf-sparse"]["median"] / stats["hf-dense"]["median"]
+    del decoders, fast_sparse, fast_dense
+    gc.collect()
+    return out
+
+
+def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat16", "float32"), threads=(1, 2),
+        new_tokens: int = 64, prompt_tokens: int = 32, repeats: int = 5, calib_tokens: int = 1024,
+        hf_max_params: float = 3e8, seed: int = 0, progress: bool = True) -> dict:
+    """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``)."""
+    from actsparse.commands.sparsify import make_config
+    from actsparse.eval.bench_kernel import machine_info
+    from actsparse.sparsify.api import calibrate, desparsify_, sparsify_
+
+    config = make_config(method, sparsity)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    groups = []
+    bar = None
+    for name in models:
+        model, tok = load_model(name, seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        engines = [e for e in ENGINES if not (e.startswith("hf") and n_params > hf_max_params)]
+        torch.set_num_threads(max(threads))
+        cal = calibration_windows(model, tok, calib_tokens)
+        stats = calibrate(model, [config], cal, progress=progress)
+
+        def do_sparsify(model=model, stats=stats):
+            sparsify_(model, config, stats=stats)
+
+        if bar is None and progress:
+            total = len(models) * len(dtypes) * len(threads) * repeats * len(ENGINES)
+            bar = tqdm(total=total, desc="decode runs", unit="run")
+        for dt in dtypes:
+            desparsify_(model)  # thresholds stay fp32; the plan is re-applied after the cast
+            model.to(getattr(torch, dt))
+            for th in threads:
+                g = bench_group(model, tok, dtype=dt, threads=th, engines=engines, new_tokens=new_tokens,
+                                prompt_tokens=prompt_tokens, repeats=repeats, rng=rng, sparsify=do_sparsify,
+                                progress=bar)
+                g.update(model=name, parameters=n_params)
+                groups.append(g)
+        del model, stats
+        gc.collect()
+    if bar is not None:
+        bar.close()
+    from actsparse.commands.sweep import git_hash
+
+    return {"benchmark": "decode", "machine": machine_info(), "git": git_hash(),
+            "config": {"models": list(models), "method": method, "sparsity": sparsity, "plan": config.to_dict(),
+                       "dtypes": list(dtypes), "threads": list(threads), "new_tokens": new_tokens,
+                       "prompt_tokens": prompt_tokens, "repeats": repeats, "calibration_tokens": calib_tokens,
+                       "calibration_data": "wiki calibration split (ids modulo the vocabulary)",
+                       "hf_engines_up_to_params": hf_max_params, "seed": seed},
+            "wall_s": time.perf_counter() - t0, "groups": groups}
+
+
+def plot(result: dict, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = result["groups"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.2
+    colors = {"hf-dense": "#bbbbbb", "hf-sparse": "#88aadd", "fast-dense": "#666666", "fast-sparse": "#2266cc"}
+    for i, e in enumerate(ENGINES):
+        xs, ys, errs = [], [], []
+        for j, g in enumerate(groups):
+            if e in g["engines"]:
+                s = g["engines"][e]
+                xs.append(j + (i - 1.5) * width)
+                ys.append(s["median"])
+                errs.append([[s["median"] - s["p10"]], [s["p90"] - s["median"]]])
+        if xs:
+            err = np.array(errs).reshape(len(xs), 2).T if errs else None
+            ax.bar(xs, ys, width, label=e, color=colors[e], yerr=err, capsize=2)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{g['model']}\n{g['dtype'].replace('float32', 'fp32').replace('bfloat16', 'bf16')}, "
+                        f"{g['threads']}t" for g in groups], fontsize=8)
+    ax.set_ylabel("decode tokens/s (median, p10-p90)")
+    cfg = result["config"]
+    ax.set_title(f"batch-1 decode, {cfg['method']} {cfg['sparsity']:.0%}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
