@@ -31,3 +31,33 @@ def test_sliding_equals_nonoverlapping_when_stride_is_window(smollm2):
     b = perplexity(model, docs, tokenizer=tok, window=32, stride=16, tokens=96)
     assert b.tokens == 96 and b.stride == 16
     assert b.ppl < a.ppl * 1.5
+
+
+def test_ppl_p_search_bisects_once_per_knob(monkeypatch):
+    import sys, pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "sparsify"))
+    from sparsify_helpers import random_windows, tiny_llama
+
+    import actsparse.sparsify.api as api
+    from actsparse.eval.perplexity import ppl_p_search
+    from actsparse.sparsify import TEAL, calibrate, is_sparsified
+
+    model = tiny_llama()
+    stats = calibrate(model, [TEAL()], random_windows())
+    val = random_windows(n=2, seed=5)
+    dense = perplexity(model, val).ppl
+    calls = []
+    real = api.sparsify_
+    monkeypatch.setattr(api, "sparsify_", lambda *a, **k: (calls.append(a[1].sparsity), real(*a, **k))[1])
+    r = ppl_p_search(model, lambda x: TEAL(sparsity=x), stats, val, dense, p=1.0, hi=0.8, steps=5)
+    assert not is_sparsified(model)
+    passing = [e["x"] for e in r["search"] if e["ppl"] <= dense * 1.01]
+    assert r["knob"] == (max(passing) if passing else 0.0)
+    assert r["ratio"] <= 1.01 and len(r["search"]) == 5
+    assert len(calls) == len(set(calls)) == 5 + (0 if passing else 1)  # every knob value evaluated once
+    assert r["protocol"]["resolution"] == pytest.approx(0.8 / 32)
+    assert all("bytes_skipped" in e for e in r["search"])
+    # an allowance so large that every step passes: the knob climbs to the top of the range
+    r2 = ppl_p_search(model, lambda x: TEAL(sparsity=x), stats, val, dense, p=1e9, hi=0.8, steps=4)
+    assert r2["knob"] == pytest.approx(0.8 * (1 - 1 / 16))
+    assert r2["bytes_skipped"] > 0.5
