@@ -160,10 +160,11 @@ class BlockGreedy:
 
     def _qkv_rel(self, iq: int) -> float:
         """Mean over tokens of the relative squared error of the concatenated q/k/v outputs."""
-        w = torch.cat([self.mods[r].weight.float() for r in ("attn.q", "attn.k", "attn.v")])
-        ref = F.linear(self.xa, w).pow(2).sum(-1).clamp_min(1e-30)
-        d = F.linear(_mask(self.xa, self._t("attn.q", iq)) - self.xa, w).pow(2).sum(-1)
-        return float((d / ref).mean())
+        if not hasattr(self, "_wqkv"):
+            self._wqkv = torch.cat([self.mods[r].weight.float() for r in ("attn.q", "attn.k", "attn.v")])
+            self._qkv_tok = F.linear(self.xa, self._wqkv).pow(2).sum(-1).clamp_min(1e-30)
+        d = F.linear(_mask(self.xa, self._t("attn.q", iq)) - self.xa, self._wqkv).pow(2).sum(-1)
+        return float((d / self._qkv_tok).mean())
 
     def _o_rel(self, io: int) -> float:
         d = F.linear(_mask(self.a, self._t("attn.o", io)) - self.a, self.wo).pow(2).sum(-1)
