@@ -43,19 +43,13 @@ class KernelLinear(MaskedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _single_token(x, self.in_features):
             return super().forward(x)
-        if self.mode == "topk":  # the threshold that keeps exactly the top k
-            keep = self.keep_mask(x)
-            if self.k >= self.in_features:
-                thr = -1.0
-            elif self.k == 0:
-                thr = float("inf")
-            else:
-                thr = float(x.float().abs()[~keep].max())
-        else:
-            keep = self.keep_mask(x) if self.counting else None
-            thr = self.threshold
+        keep = self.keep_mask(x) if (self.counting or self.mode == "topk") else None
         if self.counting:
             self._count(keep)
+        if self.mode == "topk":  # torch.topk's choice among ties, then skip the zeros
+            x, thr = x * keep, 0.0
+        else:
+            thr = self.threshold
         y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, thr)
         if self.bias is not None:
             y = y + self.bias

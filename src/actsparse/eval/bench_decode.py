@@ -37,6 +37,9 @@ SYNTHETIC = {
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
                        tie_word_embeddings=False),
+    # for smoke tests of the benchmark's wiring only
+    "llama-tiny": dict(hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=True),
 }
 ENGINES = ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse")
 ROLE_NAMES = ("q", "k", "v", "o", "gate", "up", "down")

@@ -59,9 +59,10 @@ def _launch_numba_threads() -> None:
     libgomp read its environment when torch was imported (before this), so it is
     not affected; the variable is set only while numba's pool starts, and only if
     the user did not set ``OMP_WAIT_POLICY`` (or ``ACTSPARSE_NUMBA_SPIN=1``)."""
-    if "OMP_WAIT_POLICY" in os.environ or os.environ.get("ACTSPARSE_NUMBA_SPIN") == "1":
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    torch_threads = torch.get_num_threads()  # starting numba's pool can reset torch's count
+    spin = "OMP_WAIT_POLICY" in os.environ or os.environ.get("ACTSPARSE_NUMBA_SPIN") == "1"
+    if not spin:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         from numba.np.ufunc import parallel
 
@@ -69,7 +70,10 @@ def _launch_numba_threads() -> None:
     except Exception:  # noqa: BLE001 - private API; the pool then starts on first use
         pass
     finally:
-        os.environ.pop("OMP_WAIT_POLICY", None)
+        if not spin:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def numba_enabled() -> bool:
