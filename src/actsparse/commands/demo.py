@@ -25,6 +25,9 @@ def register(sub) -> None:
                         "(0 skips it)")
     p.add_argument("--quality-methods", default="teal,cats,chess,topk,wina", help="methods evaluated at --quality-sparsity")
     p.add_argument("--quality-sparsity", type=float, default=0.5, help="target sparsity of the quality part")
+    p.add_argument("--decode-tokens", type=int, default=32,
+                   help="tokens per run of the decode-speed comparison (bf16, dense vs the TEAL and CATS plans "
+                        "of the quality part; 0 skips it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -45,7 +48,9 @@ def run(args) -> int:
     report = Report(f"actsparse demo: {args.model}")
     add_profile_section(report, read_json(out / "profile" / "profile.json"), out)
     if args.quality_tokens:
-        _quality(args, model, tok, report, out)
+        stats = _quality(args, model, tok, report, out)
+        if args.decode_tokens:
+            _decode_speed(args, stats, report, out)
     md, html = report.write(out)
     print(f"wrote {md} and {html}")
     return 0
@@ -90,3 +95,25 @@ def _quality(args, model, tok, report, out: Path) -> None:
     if sweep.is_file():
         add_quality_section(report, read_json(sweep), out, plot_dir="plots/sweep",
                             title=f"Quality vs sparsity (saved sweep {sweep})")
+    return stats
+
+
+def _decode_speed(args, stats, report, out: Path) -> None:
+    """bf16 FastDecoder tokens/s: dense vs TEAL and CATS at the quality sparsity (thresholds
+    from the fp32 calibration statistics of the quality part)."""
+    import actsparse as asp
+    from actsparse.commands.sparsify import make_config
+    from actsparse.io import write_json
+    from actsparse.report.decode_report import add_decode_section, measure_decode
+    from actsparse.sparsify.api import sparsify_
+
+    s = args.quality_sparsity
+    methods = [m for m in ("teal", "cats") if m in args.quality_methods.split(",")]
+    plans = {f"{m} {s:.0%}": (lambda model, cfg=make_config(m, s): sparsify_(model, cfg, stats=stats))
+             for m in methods}
+    model16, tok = asp.load(args.model, dtype="bfloat16")
+    doc = measure_decode(model16, tok, plans, new_tokens=args.decode_tokens)
+    write_json(out / "decode.json", doc)
+    add_decode_section(report, doc)
+    for r in doc["rows"]:
+        print(f"decode {r['engine']}: {r['tokens_per_s']:.1f} tokens/s ({r['speedup']:.2f}x)", flush=True)
