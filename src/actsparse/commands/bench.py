@@ -171,7 +171,9 @@ ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
     )
     p.add_argument("--models", type=_csv(str), default=["smollm2-135m", "llama-1.1b"], metavar="M[,M]",
                    help="models: embedded names, local dirs, HF ids, or llama-1.1b (default: smollm2-135m,llama-1.1b)")
-    p.add_argument("--method", default="teal", help="sparsification method of the plan (default teal)")
+    p.add_argument("--method", default="teal",
+                   help="sparsification method of the plan (default teal); none = no plan, the natural "
+                        "zeros of a ReLU model")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
     p.add_argument("--dtypes", type=_csv(str), default=["bfloat16", "float32"], metavar="D[,D]",
                    help="weight dtypes: bfloat16, float32 (default both)")

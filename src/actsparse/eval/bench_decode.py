@@ -145,7 +145,10 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     torch.set_num_threads(threads)
     ids = prompt_ids(tok, model, prompt_tokens)
     max_len = prompt_tokens + new_tokens + 1
-    if not is_sparsified(model):
+    if sparsify is None:  # natural sparsity (a ReLU model): FastDecoder skips the exact zeros
+        sparsify = lambda: None  # noqa: E731
+        engines = [e for e in engines if e != "hf-sparse"]
+    elif not is_sparsified(model):
         sparsify()
     fast_sparse = FastDecoder(model, max_len=max_len)
     fast_dense = FastDecoder(model, max_len=max_len, dense=True)
@@ -210,12 +213,13 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
 def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat16", "float32"), threads=(1, 2),
         new_tokens: int = 64, prompt_tokens: int = 32, repeats: int = 5, calib_tokens: int = 1024,
         hf_max_params: float = 3e8, seed: int = 0, progress: bool = True) -> dict:
-    """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``)."""
+    """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``). ``method``
+    "none": no plan, the natural sparsity of a ReLU model (its exact zeros) against dense."""
     from actsparse.commands.sparsify import make_config
     from actsparse.eval.bench_kernel import machine_info
     from actsparse.sparsify.api import calibrate, desparsify_, sparsify_
 
-    config = make_config(method, sparsity)
+    config = None if method == "none" else make_config(method, sparsity)
     rng = random.Random(seed)
     t0 = time.perf_counter()
     groups = []
@@ -225,11 +229,13 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
         n_params = sum(p.numel() for p in model.parameters())
         engines = [e for e in ENGINES if not (e.startswith("hf") and n_params > hf_max_params)]
         torch.set_num_threads(max(threads))
-        cal = calibration_windows(model, tok, calib_tokens)
-        stats = calibrate(model, [config], cal, progress=progress)
+        do_sparsify = stats = None
+        if config is not None:
+            cal = calibration_windows(model, tok, calib_tokens)
+            stats = calibrate(model, [config], cal, progress=progress)
 
-        def do_sparsify(model=model, stats=stats):
-            sparsify_(model, config, stats=stats)
+            def do_sparsify(model=model, stats=stats):
+                sparsify_(model, config, stats=stats)
 
         if bar is None and progress:
             total = len(models) * len(dtypes) * len(threads) * repeats * len(ENGINES)
@@ -250,7 +256,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
     from actsparse.commands.sweep import git_hash
 
     return {"benchmark": "decode", "machine": machine_info(), "git": git_hash(),
-            "config": {"models": list(models), "method": method, "sparsity": sparsity, "plan": config.to_dict(),
+            "config": {"models": list(models), "method": method, "sparsity": sparsity, "plan": config.to_dict() if config else None,
                        "dtypes": list(dtypes), "threads": list(threads), "new_tokens": new_tokens,
                        "prompt_tokens": prompt_tokens, "repeats": repeats, "calibration_tokens": calib_tokens,
                        "calibration_data": "wiki calibration split (ids modulo the vocabulary)",
@@ -284,7 +290,8 @@ def plot(result: dict, path):
                         f"{g['threads']}t" for g in groups], fontsize=8)
     ax.set_ylabel("decode tokens/s (median, p10-p90)")
     cfg = result["config"]
-    ax.set_title(f"batch-1 decode, {cfg['method']} {cfg['sparsity']:.0%}")
+    what = "natural sparsity (no plan)" if cfg["method"] == "none" else f"{cfg['method']} {cfg['sparsity']:.0%}"
+    ax.set_title(f"batch-1 decode, {what}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
