@@ -80,6 +80,25 @@ def test_steps_match_masked_dense_forward_fp32(kind, threads):
         assert sum(dec.decode_sparsity().values()) > 0
 
 
+@pytest.mark.parametrize("kind", ["scalar", "act"])
+def test_parallel_paths_match_on_a_wider_model_and_long_context(kind):
+    """Wide enough (and a context long enough) that the GEMVs, the kept-up rows and the
+    attention run as 2-thread parallel regions (above PARALLEL_MIN_BYTES)."""
+    model = tiny_llama(hidden=512, inter=1536, heads=8, kv=2, layers=1)
+    rng = np.random.default_rng(7)
+    install(model, kind, rng)
+    ids = torch.tensor(rng.integers(0, 101, 300))
+    ref = reference_logits(model, ids)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dec = FastDecoder(model, max_len=320)
+        got = np.stack([dec.step(int(t)).copy() for t in ids])
+    finally:
+        torch.set_num_threads(old)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-4)
+
+
 def test_bf16_weights_match_fp32_forward_on_the_same_weight_values():
     """bf16 weights are widened exactly and activations stay fp32, so the bf16 decoder equals
     the fp32 reference run on the bf16-rounded weights."""

@@ -37,6 +37,10 @@ from actsparse.kernels.numba_cpu import (
 )
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+# Below this many weight bytes a GEMV runs on the calling thread: waking the other threads
+# for a parallel region costs microseconds (a scheduler slice when the cores are busy),
+# more than a small GEMV takes, and a token has hundreds of them.
+PARALLEL_MIN_BYTES = 1 << 20
 MODE_DENSE, MODE_THRESHOLD, MODE_TOPK = 0, 1, 2
 
 
@@ -64,7 +68,7 @@ def _dense_rows_parallel(xf, w, out, nthreads):
 def _dense_rows(xf, w, out, nthreads):
     """out = w @ xf on the normal (out x in) layout, rows split over threads. With one
     thread no parallel region is entered (each costs microseconds, hundreds per token)."""
-    if nthreads == 1:
+    if nthreads == 1 or w.size * w.itemsize < PARALLEL_MIN_BYTES:
         _range_dot(w, 0, w.shape[0], xf, out)
     else:
         _dense_rows_parallel(xf, w, out, nthreads)
@@ -84,7 +88,7 @@ def _linear(x, mode, w, wt, thr, ts, k, bias, out, idx, vals, nthreads):
             n = _compact(x, t1, 0, idx, vals)
         else:
             n = _compact(x, thr, ts, idx, vals)
-        if nthreads == 1:
+        if nthreads == 1 or n * wt.shape[1] * wt.itemsize < PARALLEL_MIN_BYTES:
             _accumulate(wt, idx, vals, 0, n, out)
         else:
             _sparse_rows_matvec(wt, idx, vals, n, out, nthreads)
@@ -126,7 +130,7 @@ def _attention_parallel(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out):
 @njit(**_JIT)
 def _attention(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out, nthreads):
     """out[h] = softmax(q_h . K * scale) V over positions < T, per head (GQA)."""
-    if nthreads == 1:
+    if nthreads == 1 or 8 * T * n_heads * hd < PARALLEL_MIN_BYTES:
         for h in range(n_heads):
             _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out)
     else:
@@ -164,7 +168,7 @@ def _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out):
 def _kept_up(xf, w_up, idx, vals, n, nthreads):
     """vals[k] *= w_up[idx[k]] . xf for k < n."""
     u = np.empty(n, np.float32)
-    if nthreads == 1:
+    if nthreads == 1 or n * w_up.shape[1] * w_up.itemsize < PARALLEL_MIN_BYTES:
         _rows_dot(w_up, idx, 0, n, xf, u)
     else:
         _rows_dot_parallel(w_up, idx, n, xf, u, nthreads)
