@@ -116,6 +116,27 @@ def run_variant(variant: str, args) -> dict:
     return s
 
 
+def weight_norms(path: Path) -> dict:
+    """Mean over layers of the Frobenius norms of the MLP weights in a safetensors file: the
+    L1 on h = relu(gate) * up can be lowered without any new zero by shrinking gate/up and
+    growing down, so the norms tell how the L1 was met."""
+    from safetensors import safe_open
+
+    sums: dict[str, list[float]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            for kind in sums:
+                if key.endswith(f"mlp.{kind}.weight"):
+                    sums[kind].append(float(fh.get_tensor(key).float().norm()))
+    return {k: sum(v) / len(v) for k, v in sums.items() if v}
+
+
+def original_weights() -> Path:
+    from actsparse.models.loading import _embedded_dir
+
+    return _embedded_dir("smollm2-135m") / "model.safetensors"
+
+
 def read_log(out: Path) -> list[dict]:
     with open(out / "log.jsonl") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -162,6 +183,10 @@ def main(argv=None) -> int:
                          "fatrelu": 0.01}
         log = read_log(Path(args.workdir) / f"prosparse-{v}")
         curves[v] = {k: [r[k] for r in log] for k in ("step", "lm_loss", "l1", "lambda", "sparsity", "seconds")}
+    norms = {"original": weight_norms(original_weights())}
+    for v in summaries:
+        ck = read_json(Path(args.workdir) / f"prosparse-{v}" / "latest.json")["checkpoint"]
+        norms[v] = weight_norms(Path(args.workdir) / f"prosparse-{v}" / ck / "model.safetensors")
     c0 = summaries[variants[0]]
     result = {
         "experiment": "ProSparse on SmolLM2-135M: ReLUfication + L1 on the down-projection input, "
@@ -187,6 +212,7 @@ def main(argv=None) -> int:
                       "relu_untrained": {"ppl": ref["relu_untrained"]["ppl"],
                                          "sparsity": ref["relu_untrained"]["sparsity"]}},
         "variants": rows,
+        "mlp_weight_norms_mean_over_layers": norms,
         "curves": curves,
         "model_dir_c": str(Path(args.workdir) / "prosparse-c" / "model") if "c" in summaries else None,
         "versions": versions(),
@@ -214,7 +240,8 @@ def plot(result: dict, stem: str) -> None:
         axes[1].plot(cur["step"], cur["sparsity"], color=colors[v], label=lab)
         axes[2].plot(cur["step"], cur["lambda"], color=colors[v], label=lab)
     axes[0].set_ylabel("LM loss (training batch)")
-    axes[1].set_ylabel("exact-zero fraction of down_proj input (training batch)")
+    axes[1].set_ylabel("exact zeros of h (training batch)")
+    axes[1].set_title("h = down_proj input", fontsize=9)
     axes[2].set_ylabel("lambda")
     for ax in axes:
         ax.set_xlabel("update")
