@@ -135,7 +135,8 @@ def test_cli_help_and_end_to_end(tmp_path, smollm2, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["finetune", "--help"])
     help_text = capsys.readouterr().out
-    for flag in ("--relufy", "--schedule", "--lambda", "--resume", "--fatrelu", "--checkpoint-every", "log.jsonl"):
+    for flag in ("--relufy", "--schedule", "--lambda", "--resume", "--fatrelu", "--checkpoint-every", "--eval-batch-size",
+                 "log.jsonl"):
         assert flag in help_text
     # a tiny model with SmolLM2's tokenizer, saved as a local HF directory
     torch.set_num_threads(1)
@@ -153,10 +154,12 @@ def test_cli_help_and_end_to_end(tmp_path, smollm2, capsys):
     args = parser.parse_args(["finetune", "--model", str(model_dir), "--relufy", "--schedule", "prosparse",
                               "--lambda", "1e-3", "--steps", "2", "--data", "news", "--out", str(out),
                               "--window", "32", "--batch-size", "2", "--max-tokens", "512", "--eval-tokens", "256",
-                              "--fatrelu", "0.01", "--no-progress", "--checkpoint-every", "1"])
+                              "--fatrelu", "0.01", "--no-progress", "--checkpoint-every", "1",
+                              "--eval-batch-size", "3"])
     assert args.func(args) == 0
     summary = read_json(out / "summary.json")
     assert summary["last"]["step"] == 2
+    assert summary["config"]["eval_batch_size"] == 3
     assert summary["eval"]["relu"]["ppl"] > 1 and summary["eval"]["fatrelu"]["sparsity"] >= \
         summary["eval"]["relu"]["sparsity"]
     assert any(c["after"] == "ReLU" for c in summary["changes"])

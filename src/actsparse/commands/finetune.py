@@ -55,7 +55,9 @@ def register(sub) -> None:
                    help="L1 weight over steps: prosparse (warm-up + sine rises to --lambda), constant (--lambda "
                         "throughout) or none (no L1; plain fine-tuning). Default: %(default)s")
     p.add_argument("--lambda", dest="lam", type=float, default=1e-4,
-                   help="final (prosparse) or constant L1 weight (default: %(default)s)")
+                   help="final (prosparse) or constant L1 weight. The L1 term is a SUM over layers of per-token "
+                        "L1 norms (about 1e4 for ReLU-fied SmolLM2-135M), so pick lambda such that lambda * L1 is "
+                        "comparable to, but below, the LM loss (default: %(default)s)")
     p.add_argument("--stages", type=positive_int, default=4,
                    help="prosparse stages: warm-up plus STAGES-1 rises, each doubling lambda (default: %(default)s)")
     p.add_argument("--steps", type=positive_int, required=True, help="number of optimizer updates")
@@ -68,6 +70,8 @@ def register(sub) -> None:
                    help="held-out documents for the final perplexity (default: %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="tokens of --eval-split to evaluate; 0 skips the evaluation (default: %(default)s)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=4,
+                   help="windows per forward in the final evaluation (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory (log, checkpoints, summary, model)")
     p.add_argument("--fatrelu", type=float, default=None, metavar="T",
                    help="after training, replace ReLU with FATReLU(T) (v if v >= T else 0; ProSparse uses 0.01) "
@@ -101,7 +105,7 @@ def run(args) -> int:
         window=args.window, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, fatrelu=args.fatrelu, sites=args.sites,
         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_split=args.eval_split,
-        eval_tokens=args.eval_tokens)
+        eval_tokens=args.eval_tokens, eval_batch_size=args.eval_batch_size)
     summary = finetune(config, args.out, resume=args.resume, progress=not args.no_progress,
                        save_model=not args.no_save_model, dtype=args.dtype)
     last = summary["last"]
