@@ -74,6 +74,16 @@ def _dense_rows(xf, w, out, nthreads):
         _dense_rows_parallel(xf, w, out, nthreads)
 
 
+@njit(inline="always", **_JIT)
+def _select(x, mode, thr, ts, k, idx, vals):
+    """idx/vals[:n] = the entries of x that pass the test of ``mode`` (1 threshold, 2 top-k)."""
+    if mode == 2:
+        t1 = np.empty(1, np.float32)
+        t1[0] = _topk_threshold(x, k)
+        return _compact(x, t1, 0, idx, vals)
+    return _compact(x, thr, ts, idx, vals)
+
+
 @njit(**_JIT)
 def _linear(x, mode, w, wt, thr, ts, k, bias, out, idx, vals, nthreads):
     """out = linear(x) under ``mode``; returns the number of active inputs."""
@@ -82,12 +92,7 @@ def _linear(x, mode, w, wt, thr, ts, k, bias, out, idx, vals, nthreads):
         _dense_rows(x, w, out, nthreads)
         n = K
     else:
-        if mode == 2:
-            t1 = np.empty(1, np.float32)
-            t1[0] = _topk_threshold(x, k)
-            n = _compact(x, t1, 0, idx, vals)
-        else:
-            n = _compact(x, thr, ts, idx, vals)
+        n = _select(x, mode, thr, ts, k, idx, vals)
         if nthreads == 1 or n * wt.shape[1] * wt.itemsize < PARALLEL_MIN_BYTES:
             _accumulate(wt, idx, vals, 0, n, out)
         else:
@@ -263,12 +268,7 @@ def _mlp(xn, layer, b, modes, ws, wts, thrs, tss, ks, biases, act_code, a_mode, 
             m[i] = g[i] * u[i]
         kept = F
     else:
-        if a_mode == 2:
-            t1 = np.empty(1, np.float32)
-            t1[0] = _topk_threshold(g, a_k)
-            kept = _compact(g, t1, 0, idx, vals)
-        else:
-            kept = _compact(g, a_thr, a_ts, idx, vals)
+        kept = _select(g, a_mode, a_thr, a_ts, a_k, idx, vals)
         if modes[layer, 5] == 0 and biases[b + 5].shape[0] == 0:
             _kept_up(xn, ws[b + 5], idx, vals, kept, nthreads)  # only the kept rows of up
             counts[layer, 5] += D
