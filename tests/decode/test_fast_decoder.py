@@ -31,9 +31,14 @@ def tiny_llama(act="silu", hidden=72, inter=200, heads=6, kv=2, layers=2, seed=0
 def install(model, kind, rng):
     """Hand-installed sparse modules of one kind on every layer."""
     for i, layer in enumerate(model.model.layers):
+        shared = {r: float(rng.uniform(0.02, 0.3)) for r in ("attn", "o", "gate", "down")}
         for rel in ROLES:
             lin = layer.get_submodule(rel)
-            if kind == "scalar":
+            if kind == "shared":  # TEAL-like: q/k/v and gate/up share one threshold (fused GEMVs)
+                group = {"self_attn.o_proj": "o", "mlp.down_proj": "down", "mlp.gate_proj": "gate",
+                         "mlp.up_proj": "gate"}.get(rel, "attn")
+                m = MaskedLinear(lin, shared[group])
+            elif kind == "scalar":
                 m = MaskedLinear(lin, float(rng.uniform(0.02, 0.3)))
             elif kind == "per_channel":
                 m = MaskedLinear(lin, torch.tensor(rng.uniform(0, 0.4, lin.in_features), dtype=torch.float32))
@@ -97,6 +102,20 @@ def test_parallel_paths_match_on_a_wider_model_and_long_context(kind):
     finally:
         torch.set_num_threads(old)
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_thresholds_fuse_qkv_and_gate_up(bias):
+    model = tiny_llama(bias=bias)
+    install(model, "shared", np.random.default_rng(8))
+    ids = torch.tensor([3, 17, 5, 99, 42, 8])
+    ref = reference_logits(model, ids)
+    dec = FastDecoder(model, max_len=8)
+    assert (dec._modes[:, [1, 2, 5]] == 3).all()  # k, v, up computed with q, gate
+    got = np.stack([dec.step(int(t)).copy() for t in ids])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
+    sp = dec.decode_sparsity()
+    assert sp["q"] == sp["k"] == sp["v"] > 0 and sp["gate"] == sp["up"] > 0
 
 
 def test_bf16_weights_match_fp32_forward_on_the_same_weight_values():

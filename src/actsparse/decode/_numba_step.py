@@ -37,6 +37,7 @@ from actsparse.kernels.numba_cpu import (
 )
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+MODE_FUSED = 3  # k and v (or up) are computed with q (or gate): one GEMV on the concatenated weight
 # Below this many weight bytes a GEMV runs on the calling thread: waking the other threads
 # for a parallel region costs microseconds (a scheduler slice when the cores are busy),
 # more than a small GEMV takes, and a token has hundreds of them.
@@ -210,9 +211,12 @@ def decode_token(
     for i in range(D):
         h[i] = to_f32(row[i])
     xn = np.empty(D, np.float32)
-    q = np.empty(n_heads * hd, np.float32)
-    kx = np.empty(n_kv * hd, np.float32)
-    vx = np.empty(n_kv * hd, np.float32)
+    nq = n_heads * hd
+    nk = n_kv * hd
+    qkv = np.empty(nq + 2 * nk, np.float32)
+    q = qkv[:nq]
+    kx = qkv[nq:nq + nk]
+    vx = qkv[nq + nk:]
     att = np.empty(n_heads * hd, np.float32)
     o = np.empty(D, np.float32)
     n_rep = n_heads // n_kv
@@ -222,9 +226,19 @@ def decode_token(
     for layer in range(L):
         b = layer * 7
         _rmsnorm(h, norm1[layer], eps, xn)
-        counts[layer, 0] += _linear(xn, modes[layer, 0], ws[b], wts[b], thrs[b], tss[layer, 0], ks[layer, 0], biases[b], q, idx, vals, nthreads)
-        counts[layer, 1] += _linear(xn, modes[layer, 1], ws[b + 1], wts[b + 1], thrs[b + 1], tss[layer, 1], ks[layer, 1], biases[b + 1], kx, idx, vals, nthreads)
-        counts[layer, 2] += _linear(xn, modes[layer, 2], ws[b + 2], wts[b + 2], thrs[b + 2], tss[layer, 2], ks[layer, 2], biases[b + 2], vx, idx, vals, nthreads)
+        if modes[layer, 1] == MODE_FUSED:  # q, k, v share their input test: one pass over [Wq; Wk; Wv]^T
+            n = _linear(xn, modes[layer, 0], ws[b], wts[b], thrs[b], tss[layer, 0], ks[layer, 0], biases[b], qkv,
+                        idx, vals, nthreads)
+            counts[layer, 0] += n
+            counts[layer, 1] += n
+            counts[layer, 2] += n
+        else:
+            counts[layer, 0] += _linear(xn, modes[layer, 0], ws[b], wts[b], thrs[b], tss[layer, 0], ks[layer, 0],
+                                        biases[b], q, idx, vals, nthreads)
+            counts[layer, 1] += _linear(xn, modes[layer, 1], ws[b + 1], wts[b + 1], thrs[b + 1], tss[layer, 1],
+                                        ks[layer, 1], biases[b + 1], kx, idx, vals, nthreads)
+            counts[layer, 2] += _linear(xn, modes[layer, 2], ws[b + 2], wts[b + 2], thrs[b + 2], tss[layer, 2],
+                                        ks[layer, 2], biases[b + 2], vx, idx, vals, nthreads)
         _rope(q, n_heads, hd, cos[pos], sin[pos])
         _rope(kx, n_kv, hd, cos[pos], sin[pos])
         for g in range(n_kv):
@@ -248,18 +262,28 @@ def decode_token(
 def _mlp(xn, layer, b, modes, ws, wts, thrs, tss, ks, biases, act_code, a_mode, a_thr, a_ts, a_k, out, counts,
          nthreads):
     """out = down(act(gate(xn)) * up(xn)) with the layer's tests; returns kept neurons."""
-    w_gate = ws[b + 4] if modes[layer, 4] == 0 else wts[b + 4]
-    F = w_gate.shape[0] if modes[layer, 4] == 0 else w_gate.shape[1]
+    F = ws[b + 6].shape[1] if modes[layer, 6] == 0 else wts[b + 6].shape[0]  # down's input width
     D = xn.shape[0]
     K = max(F, D)
     idx = np.empty(K, np.int64)
     vals = np.empty(K, np.float32)
+    m = np.zeros(F, np.float32)
+    if modes[layer, 5] == MODE_FUSED:  # gate and up share their input test: one pass over [Wg; Wu]^T
+        gu = np.empty(2 * F, np.float32)
+        n = _linear(xn, modes[layer, 4], ws[b + 4], wts[b + 4], thrs[b + 4], tss[layer, 4], ks[layer, 4],
+                    biases[b + 4], gu, idx, vals, nthreads)
+        counts[layer, 4] += n
+        counts[layer, 5] += n
+        for i in range(F):
+            m[i] = _act(gu[i], act_code) * gu[F + i]
+        counts[layer, 6] += _linear(m, modes[layer, 6], ws[b + 6], wts[b + 6], thrs[b + 6], tss[layer, 6],
+                                    ks[layer, 6], biases[b + 6], out, idx, vals, nthreads)
+        return F
     g = np.empty(F, np.float32)
     counts[layer, 4] += _linear(xn, modes[layer, 4], ws[b + 4], wts[b + 4], thrs[b + 4], tss[layer, 4], ks[layer, 4],
                                 biases[b + 4], g, idx, vals, nthreads)
     for i in range(F):
         g[i] = _act(g[i], act_code)
-    m = np.zeros(F, np.float32)
     if a_mode == 0:
         u = np.empty(F, np.float32)
         counts[layer, 5] += _linear(xn, modes[layer, 5], ws[b + 5], wts[b + 5], thrs[b + 5], tss[layer, 5],

@@ -90,6 +90,7 @@ class FastDecoder:
         from numba.typed import List
 
         from actsparse.decode import _numba_step as nk
+        from actsparse.decode._numba_step import MODE_FUSED
         from actsparse.kernels.dispatch import numba_enabled
 
         if not numba_enabled():
@@ -142,35 +143,49 @@ class FastDecoder:
                 a_mode, a_thr, a_ts, a_k = 0, empty_f, 0, 0
             a_modes[li], a_tss[li], a_ks[li] = a_mode, a_ts, a_k
             a_thrs.append(a_thr)
+            roles = []  # (mode, thr, ts, k, linear) per role
             for r, rel in enumerate(_ROLE_PATHS):
                 mod = layer.get_submodule(rel)
-                sparse = isinstance(mod, MaskedLinear) and not dense
                 lin = mod.linear if isinstance(mod, MaskedLinear) else mod
                 if not isinstance(lin, nn.Linear):
                     raise ConfigError(f"layer {li} {rel} is a {type(lin).__name__}, expected nn.Linear")
-                bias = empty_f if lin.bias is None else lin.bias.detach().float().contiguous().numpy()
-                if sparse:
-                    mode, thr, ts, k = self._site_test(mod)
+                if isinstance(mod, MaskedLinear) and not dense:
+                    roles.append((*self._site_test(mod), lin))
                 elif r == 6 and a_mode != 0:
-                    mode, thr, ts, k = 1, np.zeros(1, np.float32), 0, 0  # skip the masked neurons' rows
+                    roles.append((1, np.zeros(1, np.float32), 0, 0, lin))  # skip the masked neurons' rows
                 else:
-                    mode, thr, ts, k = 0, empty_f, 0, 0
-                if mode == 0:
+                    roles.append((0, empty_f, 0, 0, lin))
+            fused = set()
+            if _same_test(roles[0:3]):
+                fused |= {1, 2}
+            if a_mode == 0 and _same_test(roles[4:6]):
+                fused.add(5)
+            for r, (mode, thr, ts, k, lin) in enumerate(roles):
+                group = {0: (0, 1, 2), 4: (4, 5)}.get(r, (r,))
+                group = tuple(g for g in group if g == r or g in fused)
+                lins = [roles[g][4] for g in group]
+                if r in fused:
+                    ws.append(empty_w)
+                    wts.append(empty_w)
+                    modes[li, r] = MODE_FUSED
+                elif mode == 0:
                     w = lin.weight.detach()
                     if not w.is_contiguous():
-                        raise ConfigError(f"layer {li} {rel}: weight is not contiguous")
+                        raise ConfigError(f"layer {li} {_ROLE_PATHS[r]}: weight is not contiguous")
                     self._keep.append(w)
                     ws.append(_np_weight(w))
                     wts.append(empty_w)
                 else:
-                    wt = lin.weight.detach().t().contiguous()
+                    wt = torch.cat([m.weight.detach() for m in lins]).t().contiguous()
                     self._keep.append(wt)
                     self.copy_bytes += wt.numel() * wt.element_size()
                     ws.append(_np_weight(lin.weight) if r == 5 else empty_w)  # up rows for the kept neurons
                     wts.append(_np_weight(wt))
-                modes[li, r], tss[li, r], ks[li, r] = mode, ts, k
+                if r not in fused:
+                    modes[li, r], tss[li, r], ks[li, r] = mode, ts, k
+                self._keep.append(thr)
                 thrs.append(thr)
-                biases.append(bias)
+                biases.append(_bias(lins) if r not in fused else empty_f)
         if len(act_names) != 1 or next(iter(act_names)) not in ("relu", "silu", "gelu_tanh", "gelu"):
             raise ConfigError(f"unsupported MLP activation {sorted(act_names)} (relu, silu, gelu, gelu_tanh)")
         from actsparse.kernels.numba_cpu import ACT_CODES
@@ -328,6 +343,23 @@ class FastDecoder:
         cache = self._k_cache.nbytes + self._v_cache.nbytes
         return {"model_weight_bytes": weights, "transposed_copy_bytes": self.copy_bytes,
                 "copy_overhead": self.copy_bytes / weights if weights else math.nan, "kv_cache_bytes": cache}
+
+
+def _same_test(roles) -> bool:
+    """True if these linears (sharing one input) are all sparse with the same test, so one
+    GEMV over their concatenated transposed weights serves them all."""
+    mode, thr, ts, k, lin = roles[0]
+    if mode not in (1, 2):
+        return False
+    has_bias = lin.bias is not None
+    return all(m == mode and t2 == ts and k2 == k and np.array_equal(th, thr) and (l2.bias is not None) == has_bias
+               for m, th, t2, k2, l2 in roles[1:])
+
+
+def _bias(linears) -> np.ndarray:
+    if linears[0].bias is None:
+        return np.empty(0, np.float32)
+    return torch.cat([m.bias.detach().float() for m in linears]).contiguous().numpy()
 
 
 def _cache_layer(cache, i):
