@@ -155,6 +155,8 @@ def test_relu_model_skips_exact_zeros_with_the_same_result():
     np.testing.assert_allclose(got, ref, atol=2e-4)
     assert dec.sparse_roles["mlp.act"] == 2
     assert 0.3 < dec.decode_sparsity()["mlp.act"] < 0.7  # about half of ReLU outputs are zero
+    skip = dec.weight_skip()  # only the kept rows of up and down are read
+    assert skip["up"] == skip["down"] == dec.decode_sparsity()["mlp.act"] and skip["q"] == 0
     with pytest.raises(ConfigError, match="ReLU"):
         FastDecoder(tiny_llama(act="silu"), skip_zeros=True)
 

@@ -258,6 +258,17 @@ class FastDecoder:
         tot[7] = self.counts[:, 7].sum() / (self.steps * self.num_layers * ffn)
         return {n: float(1.0 - tot[i]) for i, n in enumerate(names)}
 
+    def weight_skip(self) -> dict[str, float]:
+        """Fraction of each linear's weight bytes not read per decoded token (since the last
+        reset): input sparsity for the transposed rows, and for up after a thresholded
+        activation the dropped neurons (only kept rows of up are read)."""
+        sp = self.decode_sparsity()
+        if not sp:
+            return {}
+        out = {r: sp[r] for r in ("q", "k", "v", "o", "gate", "up", "down")}
+        out["up"] = max(out["up"], sp["mlp.act"])
+        return out
+
     # ------------------------------------------------------------------
     def step(self, token: int) -> np.ndarray:
         """Decode one token at the current position; returns the fp32 logits (a view,

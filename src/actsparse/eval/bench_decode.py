@@ -185,14 +185,14 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     deaccelerate_(model)
     if not is_sparsified(model):
         sparsify()
-    skipped = fast_sparse.decode_sparsity()
+    skipped = fast_sparse.weight_skip()
     wb = weight_bytes(model)
     dense_b, sparse_b = bytes_per_token(wb, None), bytes_per_token(wb, skipped)
     stats = {e: _summary(v) for e, v in runs.items()}
     dense_engines = [e for e in engines if e.endswith("dense")]
     best_dense = max(dense_engines, key=lambda e: stats[e]["median"])
     out = {"dtype": dtype, "threads": threads, "engines": stats, "best_dense": best_dense,
-           "decode_sparsity": skipped, "sparse_roles": fast_sparse.sparse_roles,
+           "decode_sparsity": fast_sparse.decode_sparsity(), "weight_skip": skipped, "sparse_roles": fast_sparse.sparse_roles,
            "bytes_per_token": {"dense": dense_b, "sparse": sparse_b, "lm_head": wb["lm_head"],
                                "block_linears": sum(wb["roles"].values())},
            "memory": fast_sparse.memory_report(), "new_tokens": new_tokens, "prompt_tokens": int(ids.numel())}
