@@ -40,6 +40,9 @@ def install(model, kind, rng):
                 m = MaskedLinear(lin, shared[group])
             elif kind == "scalar":
                 m = MaskedLinear(lin, float(rng.uniform(0.02, 0.3)))
+            elif kind == "channel_mask":  # each channel always or never skipped: no rounding flips
+                t = np.where(rng.random(lin.in_features) < 0.5, np.inf, 0.0)
+                m = MaskedLinear(lin, torch.tensor(t, dtype=torch.float32))
             elif kind == "per_channel":
                 m = MaskedLinear(lin, torch.tensor(rng.uniform(0, 0.4, lin.in_features), dtype=torch.float32))
             elif kind == "topk":
@@ -85,13 +88,17 @@ def test_steps_match_masked_dense_forward_fp32(kind, threads):
         assert sum(dec.decode_sparsity().values()) > 0
 
 
-@pytest.mark.parametrize("kind", ["scalar", "act"])
-def test_parallel_paths_match_on_a_wider_model_and_long_context(kind):
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_parallel_paths_match_on_a_wider_model_and_long_context(act):
     """Wide enough (and a context long enough) that the GEMVs, the kept-up rows and the
-    attention run as 2-thread parallel regions (above PARALLEL_MIN_BYTES)."""
-    model = tiny_llama(hidden=512, inter=1536, heads=8, kv=2, layers=1)
+    attention run as 2-thread parallel regions (above PARALLEL_MIN_BYTES).
+
+    Masks that cannot flip under rounding, because 300 tokens make millions of threshold
+    tests: per-channel thresholds of 0 or +inf (about half the channels always skipped), and
+    for ReLU the natural zeros (a value near 0 contributes ~0 on either side)."""
+    model = tiny_llama(hidden=512, inter=1536, heads=8, kv=2, layers=1, act=act)
     rng = np.random.default_rng(7)
-    install(model, kind, rng)
+    install(model, "channel_mask", rng)
     ids = torch.tensor(rng.integers(0, 101, 300))
     ref = reference_logits(model, ids)
     old = torch.get_num_threads()
@@ -102,6 +109,9 @@ def test_parallel_paths_match_on_a_wider_model_and_long_context(kind):
     finally:
         torch.set_num_threads(old)
     np.testing.assert_allclose(got, ref, rtol=0, atol=5e-4)
+    assert 0.4 < dec.decode_sparsity()["gate"] < 0.6
+    if act == "relu":
+        assert dec.decode_sparsity()["mlp.act"] > 0.3
 
 
 @pytest.mark.parametrize("bias", [False, True])
