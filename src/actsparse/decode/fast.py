@@ -12,7 +12,9 @@ a :class:`MaskedLinear` becomes an input-sparse GEMV on a transposed copy of its
 :class:`ThresholdedActivation` in the MLP reads only the kept rows of up and down. Dense
 linears use the model's own weight memory (no copy). ``dense=True`` ignores the sparse
 modules: the dense baseline on the same engine. A ReLU MLP skips its exact zeros
-(``skip_zeros``, on by default: the result is the same, only faster).
+(``skip_zeros``, on by default: the result is the same, only faster). Top-k sites keep the
+entries above the (k+1)-th largest |x|: with exact ties at that boundary all tied entries are
+dropped (torch.topk would keep an arbitrary subset).
 """
 from __future__ import annotations
 
