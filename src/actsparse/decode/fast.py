@@ -130,33 +130,11 @@ class FastDecoder:
         act_names = set()
         for li, layer in enumerate(layers):
             act = layer.mlp.act_fn
-            act_site = act if isinstance(act, ThresholdedActivation) and not dense else None
             act_names.add(act.act_name if isinstance(act, ThresholdedActivation) else activation_name(act))
-            relu = "relu" in act_names and len(act_names) == 1
-            zero_skip = (skip_zeros if skip_zeros is not None else relu) and not dense
-            if zero_skip and not relu and act_site is None:
-                raise ConfigError("skip_zeros needs a ReLU MLP (its exact zeros); this model's activation is "
-                                  f"{', '.join(sorted(act_names))}")
-            if act_site is not None:
-                a_mode, a_thr, a_ts, a_k = self._site_test(act_site)
-            elif zero_skip:
-                a_mode, a_thr, a_ts, a_k = 1, np.zeros(1, np.float32), 0, 0
-            else:
-                a_mode, a_thr, a_ts, a_k = 0, empty_f, 0, 0
+            a_mode, a_thr, a_ts, a_k = self._act_test(act, act_names, dense, skip_zeros)
             a_modes[li], a_tss[li], a_ks[li] = a_mode, a_ts, a_k
             a_thrs.append(a_thr)
-            roles = []  # (mode, thr, ts, k, linear) per role
-            for r, rel in enumerate(_ROLE_PATHS):
-                mod = layer.get_submodule(rel)
-                lin = mod.linear if isinstance(mod, MaskedLinear) else mod
-                if not isinstance(lin, nn.Linear):
-                    raise ConfigError(f"layer {li} {rel} is a {type(lin).__name__}, expected nn.Linear")
-                if isinstance(mod, MaskedLinear) and not dense:
-                    roles.append((*self._site_test(mod), lin))
-                elif r == 6 and a_mode != 0:
-                    roles.append((1, np.zeros(1, np.float32), 0, 0, lin))  # skip the masked neurons' rows
-                else:
-                    roles.append((0, empty_f, 0, 0, lin))
+            roles = self._role_tests(li, layer, a_mode, dense)
             fused = set()
             if _same_test(roles[0:3]):
                 fused |= {1, 2}
@@ -222,6 +200,37 @@ class FastDecoder:
         self._widths = self._role_widths()
 
     # ------------------------------------------------------------------
+    @classmethod
+    def _act_test(cls, act, act_names, dense: bool, skip_zeros) -> tuple[int, np.ndarray, int, int]:
+        """The MLP activation site's test: its threshold / top-k, a ReLU's exact zeros, or none."""
+        relu = act_names == {"relu"}
+        zero_skip = (skip_zeros if skip_zeros is not None else relu) and not dense
+        if isinstance(act, ThresholdedActivation) and not dense:
+            return cls._site_test(act)
+        if zero_skip and not relu:
+            raise ConfigError("skip_zeros needs a ReLU MLP (its exact zeros); this model's activation is "
+                              f"{', '.join(sorted(act_names))}")
+        if zero_skip:
+            return 1, np.zeros(1, np.float32), 0, 0
+        return 0, np.empty(0, np.float32), 0, 0
+
+    @classmethod
+    def _role_tests(cls, li: int, layer, a_mode: int, dense: bool) -> list:
+        """(mode, thresholds, stride, k, nn.Linear) of each linear of one layer."""
+        roles = []
+        for r, rel in enumerate(_ROLE_PATHS):
+            mod = layer.get_submodule(rel)
+            lin = mod.linear if isinstance(mod, MaskedLinear) else mod
+            if not isinstance(lin, nn.Linear):
+                raise ConfigError(f"layer {li} {rel} is a {type(lin).__name__}, expected nn.Linear")
+            if isinstance(mod, MaskedLinear) and not dense:
+                roles.append((*cls._site_test(mod), lin))
+            elif r == 6 and a_mode != 0:
+                roles.append((1, np.zeros(1, np.float32), 0, 0, lin))  # skip the masked neurons' rows
+            else:
+                roles.append((0, np.empty(0, np.float32), 0, 0, lin))
+        return roles
+
     @staticmethod
     def _site_test(m) -> tuple[int, np.ndarray, int, int]:
         """(mode, thresholds, stride, k) of a sparse module."""
