@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--decode-tokens", type=int, default=32,
                    help="tokens per run of the decode-speed comparison (bf16, dense vs the TEAL and CATS plans "
                         "of the quality part; 0 skips it)")
+    p.add_argument("--decode-threads", type=int, default=1,
+                   help="threads of the decode-speed comparison (1: the most robust on a busy machine; two "
+                        "threads pay a wake-up per parallel GEMV)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
@@ -112,8 +115,15 @@ def _decode_speed(args, stats, report, out: Path) -> None:
     methods = [m for m in ("teal", "cats") if m in args.quality_methods.split(",")]
     plans = {f"{m} {s:.0%}": (lambda model, cfg=make_config(m, s): sparsify_(model, cfg, stats=stats))
              for m in methods}
+    import torch
+
     model16, tok = asp.load(args.model, dtype="bfloat16")
-    doc = measure_decode(model16, tok, plans, new_tokens=args.decode_tokens)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.decode_threads))
+    try:
+        doc = measure_decode(model16, tok, plans, new_tokens=args.decode_tokens)
+    finally:
+        torch.set_num_threads(threads)
     write_json(out / "decode.json", doc)
     add_decode_section(report, doc)
     for r in doc["rows"]:
