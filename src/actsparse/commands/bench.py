@@ -99,10 +99,7 @@ The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
 
 
 def _run_kernel(args) -> int:
-    from pathlib import Path
-
     from actsparse.eval import bench_kernel as bk
-    from actsparse.io import write_json
 
     dtypes = args.dtypes or ["fp32", "bf16"]
     bad = [d for d in dtypes if d not in bk.DTYPES]
@@ -129,12 +126,21 @@ def _run_kernel(args) -> int:
     result = bk.run(shapes=shapes, dtypes=dtypes, threads=threads, sparsities=sparsities,
                     mlp_shape=mlp, mlp_sparsities=mlp_sp, repeats=repeats,
                     flush_mb=args.flush_mb, seed=args.seed, progress=not args.no_progress)
+    _save(result, args, bk.plot)
+    _print_table(result)
+    return 0
+
+
+def _save(result: dict, args, plot) -> None:
+    """Write the result JSON to ``args.out`` and, unless --no-plot, its plot next to it (.png)."""
+    from pathlib import Path
+
+    from actsparse.io import write_json
+
     out = write_json(args.out, result)
     print(f"wrote {out}")
     if not args.no_plot:
-        print(f"wrote {bk.plot(result, Path(out).with_suffix('.png'))}")
-    _print_table(result)
-    return 0
+        print(f"wrote {plot(result, Path(out).with_suffix('.png'))}")
 
 
 def _print_table(result) -> None:
@@ -193,10 +199,7 @@ ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
 
 
 def _run_decode(args) -> int:
-    from pathlib import Path
-
     from actsparse.eval import bench_decode as bd
-    from actsparse.io import write_json
 
     bad = [d for d in args.dtypes if d not in ("bfloat16", "float32")]
     if bad:
@@ -211,10 +214,7 @@ def _run_decode(args) -> int:
                     threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                     repeats=args.repeats, calib_tokens=args.calib_tokens, hf_max_params=args.hf_max_params,
                     seed=args.seed, progress=not args.no_progress)
-    out = write_json(args.out, result)
-    print(f"wrote {out}")
-    if not args.no_plot:
-        print(f"wrote {bd.plot(result, Path(out).with_suffix('.png'))}")
+    _save(result, args, bd.plot)
     print_decode_table(result)
     return 0
 

@@ -33,8 +33,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import time
-
     import torch
 
     import actsparse as asp
@@ -76,28 +74,18 @@ def run(args) -> int:
     else:
         if args.plan is not None:
             print(f"\n[{asp.accelerate_(model)}]", file=sys.stderr)
+        from actsparse.decode.hf_timing import GenerateClock
+
         torch.manual_seed(args.seed)
-        times = []
-
-        class Clock:
-            def put(self, value):
-                times.append(time.perf_counter())
-                if len(times) > 1:
-                    for t in value.reshape(-1).tolist():
-                        stream(t)
-
-            def end(self):
-                pass
-
+        clock = GenerateClock(on_token=stream)
         sample = args.temperature > 0
         with torch.no_grad():
             out = model.generate(ids[None], max_new_tokens=args.max_new_tokens, do_sample=sample,
                                  temperature=args.temperature if sample else None,
-                                 top_p=args.top_p if sample else None, streamer=Clock(),
+                                 top_p=args.top_p if sample else None, streamer=clock,
                                  pad_token_id=eos)
         tokens = out[0, ids.numel():].tolist()
-        prefill = times[1] - times[0] if len(times) > 1 else float("nan")
-        tps = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
+        prefill, tps = clock.prefill_s, clock.tokens_per_s
         extra = ""
     if args.no_stream:
         print(tok.decode(tokens), end="")

@@ -36,13 +36,11 @@ from actsparse.kernels.numba_cpu import (
     to_f32,
 )
 
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 MODE_FUSED = 3  # k and v (or up) are computed with q (or gate): one GEMV on the concatenated weight
 # Below this many weight bytes a GEMV runs on the calling thread: waking the other threads
 # for a parallel region costs microseconds (a scheduler slice when the cores are busy),
 # more than a small GEMV takes, and a token has hundreds of them.
 PARALLEL_MIN_BYTES = 1 << 20
-MODE_DENSE, MODE_THRESHOLD, MODE_TOPK = 0, 1, 2
 
 
 @njit(inline="always", **_JIT)

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from actsparse.errors import ConfigError
+from actsparse.kernels.dispatch import kernel_threads, numba_enabled, numpy_view
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+ROLE_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 _ROLE_PATHS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -53,13 +55,6 @@ class GenerationResult:
     def to_dict(self) -> dict:
         return {"new_tokens": len(self.tokens), "prompt_tokens": self.prompt_tokens, "prefill_s": self.prefill_s,
                 "decode_s": self.decode_s, "tokens_per_s": self.tokens_per_s}
-
-
-def _np_weight(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
 
 
 def _check_model(model: nn.Module):
@@ -93,7 +88,6 @@ class FastDecoder:
 
         from actsparse.decode import _numba_step as nk
         from actsparse.decode._numba_step import MODE_FUSED
-        from actsparse.kernels.dispatch import numba_enabled
 
         if not numba_enabled():
             raise ConfigError("FastDecoder needs numba (it is disabled or missing); use model.generate instead")
@@ -153,14 +147,14 @@ class FastDecoder:
                     if not w.is_contiguous():
                         raise ConfigError(f"layer {li} {_ROLE_PATHS[r]}: weight is not contiguous")
                     self._keep.append(w)
-                    ws.append(_np_weight(w))
+                    ws.append(numpy_view(w))
                     wts.append(empty_w)
                 else:
                     wt = torch.cat([m.weight.detach() for m in lins]).t().contiguous()
                     self._keep.append(wt)
                     self.copy_bytes += wt.numel() * wt.element_size()
-                    ws.append(_np_weight(lin.weight) if r == 5 else empty_w)  # up rows for the kept neurons
-                    wts.append(_np_weight(wt))
+                    ws.append(numpy_view(lin.weight) if r == 5 else empty_w)  # up rows for the kept neurons
+                    wts.append(numpy_view(wt))
                 if r not in fused:
                     modes[li, r], tss[li, r], ks[li, r] = mode, ts, k
                 self._keep.append(thr)
@@ -181,7 +175,7 @@ class FastDecoder:
         emb = model.get_input_embeddings().weight.detach()
         head = model.get_output_embeddings().weight.detach()
         self._keep += [emb, head]
-        self._embed, self._head = _np_weight(emb), _np_weight(head)
+        self._embed, self._head = numpy_view(emb), numpy_view(head)
         with torch.no_grad():
             pos = torch.arange(self.max_len)[None]
             probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
@@ -248,8 +242,7 @@ class FastDecoder:
     @property
     def sparse_roles(self) -> dict[str, int]:
         """Number of layers in which each linear reads a sparse input (and the MLP site)."""
-        names = ("q", "k", "v", "o", "gate", "up", "down")
-        out = {n: int((self._modes[:, i] != 0).sum()) for i, n in enumerate(names)}
+        out = {n: int((self._modes[:, i] != 0).sum()) for i, n in enumerate(ROLE_NAMES)}
         out["mlp.act"] = int((self._a[0] != 0).sum())
         return out
 
@@ -263,7 +256,7 @@ class FastDecoder:
         (``mlp.act``: neurons dropped at the activation site)."""
         if self.steps == 0:
             return {}
-        names = ("q", "k", "v", "o", "gate", "up", "down", "mlp.act")
+        names = ROLE_NAMES + ("mlp.act",)
         tot = self.counts.sum(axis=0) / (self.steps * self.num_layers * self._widths)
         ffn = self._widths[6]
         tot[7] = self.counts[:, 7].sum() / (self.steps * self.num_layers * ffn)
@@ -276,7 +269,7 @@ class FastDecoder:
         sp = self.decode_sparsity()
         if not sp:
             return {}
-        out = {r: sp[r] for r in ("q", "k", "v", "o", "gate", "up", "down")}
+        out = {r: sp[r] for r in ROLE_NAMES}
         out["up"] = max(out["up"], sp["mlp.act"])
         return out
 
@@ -287,8 +280,6 @@ class FastDecoder:
         if self.pos >= self.max_len:
             raise ConfigError(f"the KV cache is full ({self.max_len} positions); make a FastDecoder with a "
                               "larger max_len")
-        from actsparse.kernels.dispatch import kernel_threads
-
         a_modes, a_thrs, a_tss, a_ks = self._a
         self._step(int(token), self.pos, self._embed, self._h,
                    self._modes, self._ws, self._wts, self._thrs, self._tss, self._ks, self._biases,
@@ -345,8 +336,6 @@ class FastDecoder:
         t0 = time.perf_counter()
         logits = self.prefill(input_ids, use_model=prefill_with_model)
         res = GenerationResult([], n_prompt, time.perf_counter() - t0)
-        self.counts[:] = 0
-        self.steps = 0
         for i in range(max_new_tokens):
             tok = _choose(logits, temperature, top_p, rng)
             res.tokens.append(tok)

@@ -42,7 +42,6 @@ SYNTHETIC = {
                        num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=True),
 }
 ENGINES = ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse")
-ROLE_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def build_synthetic(name: str, seed: int = 0):
@@ -84,26 +83,14 @@ def prompt_ids(tok, model, n: int) -> torch.Tensor:
     return ids % model.get_input_embeddings().weight.shape[0]
 
 
-class _FirstTokenClock:
-    """A generate() streamer that timestamps each put (the prompt, then each new token)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def _hf_run(model, ids, n_new: int) -> float:
-    clock = _FirstTokenClock()
+    from actsparse.decode.hf_timing import GenerateClock
+
+    clock = GenerateClock()
     with torch.no_grad():
         model.generate(ids[None], max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=clock,
                        pad_token_id=0)
-    t = clock.times[1:]  # new tokens
-    return (len(t) - 1) / (t[-1] - t[0])
+    return clock.tokens_per_s
 
 
 def _fast_run(dec, ids, n_new: int) -> float:
@@ -112,7 +99,7 @@ def _fast_run(dec, ids, n_new: int) -> float:
 
 def weight_bytes(model) -> dict:
     """Bytes per decoded token by part: block linears per role, and the lm_head."""
-    from actsparse.decode.fast import _ROLE_PATHS
+    from actsparse.decode.fast import _ROLE_PATHS, ROLE_NAMES
 
     layers = model.get_submodule("model").layers
     per_role = {}
@@ -124,6 +111,8 @@ def weight_bytes(model) -> dict:
 
 
 def bytes_per_token(wb: dict, skipped: dict | None) -> float:
+    from actsparse.decode.fast import ROLE_NAMES
+
     total = wb["lm_head"] + sum(wb["roles"].values())
     if skipped:
         total -= sum(wb["roles"][r] * max(0.0, skipped.get(r, 0.0)) for r in ROLE_NAMES)

@@ -180,7 +180,7 @@ def _summarise(raw, dense_names, sparse_meta, ideal) -> dict:
 def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=None, seed=0,
                 colsplit=True) -> dict:
     from actsparse.kernels import numba_cpu as nc
-    from actsparse.kernels.dispatch import _np, kernel_threads, sparse_input_gemv
+    from actsparse.kernels.dispatch import kernel_threads, numpy_view, sparse_input_gemv
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -207,7 +207,7 @@ def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=Non
                      "variant": "rowsplit"}
         if colsplit and threads > 1 and s in (0.5, 0.9):
             thr = np.array([t], np.float32)
-            xn, wn, on = _np(x), _np(Wt), _np(out)
+            xn, wn, on = numpy_view(x), numpy_view(Wt), numpy_view(out)
             key = f"colsplit_s{s:g}"
             impls[key] = lambda thr=thr, xn=xn, wn=wn, on=on: nc.input_sparse_gemv_colsplit(
                 xn, wn, thr, 0, on, kernel_threads())

@@ -28,6 +28,7 @@ __all__ = [
     "gated_mlp_step",
     "to_kernel_layout",
     "kernel_threads",
+    "numpy_view",
 ]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -110,7 +111,7 @@ def to_kernel_layout(linear_weight: torch.Tensor, dtype: torch.dtype | None = No
 
 
 # ---------------------------------------------------------------------------
-def _np(t: torch.Tensor) -> np.ndarray:
+def numpy_view(t: torch.Tensor) -> np.ndarray:
     """Zero-copy numpy view; bf16 becomes uint16 (the same bits)."""
     t = t.detach()
     if t.dtype == torch.bfloat16:
@@ -205,7 +206,7 @@ def sparse_input_gemv(x, wt, threshold, out=None, *, return_active: bool = False
     thr, ts = _threshold_np(threshold, K)
     y = _out_tensor(out, N, x.dtype)
     n = nc.input_sparse_gemv(
-        _np(_contig(xv, "x")), _np(_contig(wt, "wt")), thr, ts, _np(y), kernel_threads()
+        numpy_view(_contig(xv, "x")), numpy_view(_contig(wt, "wt")), thr, ts, numpy_view(y), kernel_threads()
     )
     if out is None and x.dim() != 1:
         y = y.reshape(*x.shape[:-1], N)
@@ -233,22 +234,22 @@ def sparse_output_gemv(x, w, active, out=None, *, return_active: bool = False):
         return y
     nc = _load_numba()
     y = _out_tensor(out, M, x.dtype)
-    xn, wn, nt = _np(_contig(xv, "x")), _np(_contig(w, "w")), kernel_threads()
+    xn, wn, nt = numpy_view(_contig(xv, "x")), numpy_view(_contig(w, "w")), kernel_threads()
     active = active.detach()
     if active.dtype == torch.bool:
         if active.shape != (M,):
             raise ValueError(f"active mask must have shape ({M},), got {tuple(active.shape)}")
-        n = nc.output_sparse_gemv(xn, wn, active.contiguous().view(torch.uint8).numpy(), False, _np(y), nt)
+        n = nc.output_sparse_gemv(xn, wn, active.contiguous().view(torch.uint8).numpy(), False, numpy_view(y), nt)
     elif active.is_floating_point():
         if active.shape != (M,):
             raise ValueError(f"active values must have shape ({M},), got {tuple(active.shape)}")
         vals = active.to(torch.float32).contiguous().numpy()
-        n = nc.output_sparse_gemv(xn, wn, vals, True, _np(y), nt)
+        n = nc.output_sparse_gemv(xn, wn, vals, True, numpy_view(y), nt)
     else:
         rows = active.reshape(-1).to(torch.int64).contiguous()
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= M):
             raise ValueError(f"active indices must be in [0, {M})")
-        n = nc.output_sparse_gemv_rows(xn, wn, rows.numpy(), _np(y), nt)
+        n = nc.output_sparse_gemv_rows(xn, wn, rows.numpy(), numpy_view(y), nt)
     if out is None and x.dim() != 1:
         y = y.reshape(*x.shape[:-1], M)
     return (y, int(n)) if return_active else y
@@ -285,14 +286,14 @@ def gated_mlp_step(
     thr, ts = _threshold_np(threshold, F_)
     y = _out_tensor(out, D, x.dtype)
     n = nc.gated_mlp(
-        _np(_contig(xv, "x")),
-        _np(_contig(w_gate, "w_gate")),
-        _np(_contig(w_up, "w_up")),
-        _np(_contig(wt_down, "wt_down")),
+        numpy_view(_contig(xv, "x")),
+        numpy_view(_contig(w_gate, "w_gate")),
+        numpy_view(_contig(w_up, "w_up")),
+        numpy_view(_contig(wt_down, "wt_down")),
         thr,
         ts,
         nc.ACT_CODES[act],
-        _np(y),
+        numpy_view(y),
         kernel_threads(),
     )
     if out is None and x.dim() != 1:
