@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import time
 
 import torch
@@ -18,7 +17,7 @@ import torch
 import actsparse as asp
 from actsparse.data.text import text, token_windows
 from actsparse.io import write_json
-from actsparse.measure.profile import environment_info
+from actsparse.provenance import environment, git_hash
 
 
 def stats_bytes(cap) -> int:
@@ -66,10 +65,10 @@ def main(argv=None) -> int:
         print(f"batch {i + 1}/{len(batches)}: plain {row['plain']:.2f}s capture {row['capture']:.2f}s "
               f"ratio {row['ratio']:.3f} stats {row['stats_bytes'] / 1e6:.2f} MB", flush=True)
     ratios = sorted(r["ratio"] for r in rows)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_hash()
     result = {
         "benchmark": "capture_overhead",
-        "config": vars(args), "git": git, "environment": environment_info(),
+        "config": vars(args), "git": git, "environment": environment(),
         "sites": len(cap.sites), "tokens": sum(r["tokens"] for r in rows),
         "overhead_total": sum(r["capture"] for r in rows) / sum(r["plain"] for r in rows),
         "overhead_median": ratios[len(ratios) // 2],

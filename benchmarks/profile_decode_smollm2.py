@@ -15,12 +15,12 @@ import torch
 import actsparse as asp
 from actsparse.data.text import text, token_windows
 from actsparse.decode import FastDecoder
-from actsparse.decode._numba_step import _dense_rows
+from actsparse.decode.plan import SITE_ROLE
+from actsparse.decode.step import _dense_rows
 from actsparse.io import write_json
+from actsparse.kernels.formats import numpy_view
+from actsparse.models.sitemaps import site_map
 from actsparse.sparsify.modules import MaskedLinear
-
-ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def profile(threads: int, stats, repeats: int, new_tokens: int) -> dict:
@@ -31,9 +31,11 @@ def profile(threads: int, stats, repeats: int, new_tokens: int) -> dict:
     asp.sparsify_(model, asp.TEAL(sparsity=0.5), stats=stats)
     decs["teal50"] = FastDecoder(model, max_len=ids.numel() + new_tokens + 1)
     asp.desparsify_(model)
-    for layer in model.model.layers:
-        for rel in ROLES:
-            layer.set_submodule(rel, MaskedLinear(layer.get_submodule(rel), float("inf")))
+    smap = site_map(model)
+    for layer in range(smap.num_layers):
+        for role in SITE_ROLE.values():
+            path = smap.module_path(layer, role)
+            model.set_submodule(path, MaskedLinear(model.get_submodule(path), float("inf")))
     decs["all_inputs_masked"] = FastDecoder(model, max_len=ids.numel() + new_tokens + 1)
     for d in decs.values():
         d.generate(ids, 3)
@@ -43,7 +45,7 @@ def profile(threads: int, stats, repeats: int, new_tokens: int) -> dict:
         random.shuffle(order)
         for k in order:
             ms[k].append(1000 / decs[k].generate(ids, new_tokens).tokens_per_s)
-    head = model.lm_head.weight.detach().view(torch.int16).numpy().view(np.uint16)
+    head = numpy_view(model.get_output_embeddings().weight)
     x, out, t = np.random.randn(head.shape[1]).astype(np.float32), np.empty(head.shape[0], np.float32), []
     for _ in range(21):
         t0 = time.perf_counter()

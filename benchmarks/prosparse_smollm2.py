@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,20 +37,13 @@ from pathlib import Path
 import torch
 
 from actsparse.io import read_json, write_json
+from actsparse.provenance import git_hash
 
 VARIANTS = {
     "a": {"schedule": "none", "label": "(a) ReLU, no L1"},
     "b": {"schedule": "constant", "label": "(b) constant lambda"},
     "c": {"schedule": "prosparse", "label": "(c) ProSparse sine stages"},
 }
-
-
-def git_hash() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        return "unknown"
 
 
 def versions() -> dict:
@@ -71,7 +63,7 @@ def reference_evals(args, path: Path) -> dict:
             return doc
     import actsparse as asp
     from actsparse.data.text import text, token_windows
-    from actsparse.train.loop import evaluate
+    from actsparse.experiments.finetune import evaluate
     from actsparse.train.relufy import relufy_
 
     model, tok = asp.load("smollm2-135m")
@@ -99,7 +91,7 @@ def config_for(variant: str, args):
 
 
 def run_variant(variant: str, args) -> dict:
-    from actsparse.train.loop import finetune
+    from actsparse.experiments.finetune import finetune
 
     out = Path(args.workdir) / f"prosparse-{variant}"
     config = config_for(variant, args)
@@ -216,7 +208,7 @@ def main(argv=None) -> int:
         "curves": curves,
         "model_dir_c": str(Path(args.workdir) / "prosparse-c" / "model") if "c" in summaries else None,
         "versions": versions(),
-        "git": git_hash(),
+        "git": git_hash(short=False),
         "wall_seconds_this_invocation": round(time.perf_counter() - t0, 1),
         "train_wall_seconds": {v: s.get("wall_seconds") for v, s in summaries.items()},
     }

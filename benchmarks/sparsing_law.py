@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,16 +36,9 @@ from pathlib import Path
 import torch
 
 from actsparse.io import write_json
+from actsparse.provenance import git_hash
 
 EPS = (0.0, 1e-3, 1e-2, 0.1)
-
-
-def git_hash() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def make_model(act: str, vocab: int, args):
@@ -252,7 +244,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "actsparse": asp.__version__},
-        "git": git_hash(),
+        "git": git_hash(short=False),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     out = write_json(args.out, result)

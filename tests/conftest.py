@@ -1,8 +1,20 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
-# keep tests off the user's cache unless one is configured; the converted SmolLM2 is reused
+# Tests never write into the user's cache: a temporary cache for the session (converted
+# models and compiled kernels land there), removed at exit. ACTSPARSE_TEST_CACHE names a
+# persistent test cache instead (a developer's shortcut: the converted SmolLM2 and the
+# compiled kernels are then reused across runs).
+_persistent = os.environ.get("ACTSPARSE_TEST_CACHE")
+_cache = _persistent or tempfile.mkdtemp(prefix="actsparse-test-cache-")
+os.environ["ACTSPARSE_CACHE"] = _cache
+os.environ.pop("NUMBA_CACHE_DIR", None)  # numba's cache goes under the test cache too
+if not _persistent:
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

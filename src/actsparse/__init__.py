@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from actsparse.version import __version__
 
 # public name -> module that defines it
 _LAZY = {
@@ -22,26 +22,37 @@ _LAZY = {
     "SiteStats": "actsparse.measure.accumulators",
     "metrics": "actsparse.measure",
     "sparsify_": "actsparse.sparsify", "desparsify_": "actsparse.sparsify", "calibrate": "actsparse.sparsify",
-    "TEAL": "actsparse.sparsify", "CATS": "actsparse.sparsify", "CHESS": "actsparse.sparsify",
-    "TopK": "actsparse.sparsify", "WINA": "actsparse.sparsify", "CETT": "actsparse.sparsify",
-    "iter_sparse_modules": "actsparse.sparsify", "perplexity": "actsparse.eval.perplexity",
+    "iter_sparse_modules": "actsparse.sparsify", "make_config": "actsparse.sparsify",
+    "register_method": "actsparse.sparsify", "register_handler": "actsparse.sparsify",
+    "perplexity": "actsparse.eval.perplexity",
     "save_plan": "actsparse.sparsify.plan", "load_plan": "actsparse.sparsify.plan",
     "relufy_": "actsparse.train.relufy", "fatrelu_": "actsparse.train.fatrelu", "FATReLU": "actsparse.train.fatrelu",
     "ProSparse": "actsparse.train.schedule", "ActivationL1": "actsparse.train.losses",
     "TopKActivation": "actsparse.train.topk", "DeltaActivation": "actsparse.train.delta",
     "redo_reset_": "actsparse.train.redo", "dormant_masks": "actsparse.train.redo",
     "drm_perturb_": "actsparse.train.redo", "ReLUBalance": "actsparse.train.balance",
-    "finetune": "actsparse.train.loop", "FinetuneConfig": "actsparse.train.loop",
+    "finetune": "actsparse.experiments.finetune", "FinetuneConfig": "actsparse.train.loop",
     "accelerate_": "actsparse.decode", "deaccelerate_": "actsparse.decode", "FastDecoder": "actsparse.decode",
+    "DecodePlan": "actsparse.decode",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+# method configs (TEAL, CATS, ... and any registered later) are found in actsparse.sparsify
+_METHOD_CONFIGS = ("TEAL", "CATS", "CHESS", "TopK", "WINA", "CETT")
+
+__all__ = sorted(_LAZY) + list(_METHOD_CONFIGS) + ["__version__"]
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'actsparse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+        if name.startswith("_"):
+            raise AttributeError(f"module 'actsparse' has no attribute {name!r}")
+        sparsify = importlib.import_module("actsparse.sparsify")
+        config = next((c for c in sparsify.registry.METHODS.values() if c.__name__ == name), None)
+        if config is None:
+            raise AttributeError(f"module 'actsparse' has no attribute {name!r}")
+        value = config
+    else:
+        value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

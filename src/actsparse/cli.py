@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from actsparse import __version__
+    from actsparse.version import __version__
 
     return __version__
 

@@ -1,81 +1,50 @@
-"""Base class for method configs, the method registry and strict (de)serialisation.
+"""One base for every serialised config: frozen, typed, versioned, strict JSON round trip.
 
-A config is a frozen, typed dataclass that says *what* to do (torchao style); a handler
-registered for its type says *how* (see :mod:`actsparse.sparsify.api`). Configs carry a
-version and round-trip through JSON; loading is strict: unknown keys raise.
+A config is a frozen dataclass. ``to_dict()`` writes ``{KIND_KEY: kind, "version": VERSION,
+**fields}`` (tuples as lists, nested configs as dicts); ``from_dict()`` checks the kind and
+the version, refuses unknown keys and converts each value to its annotated type (lists to
+tuples, nested dicts to nested configs) strictly, then the class's ``__post_init__``
+validates the values. Subclasses set ``KIND`` (and ``KIND_KEY`` if the JSON key is not
+"kind") and ``VERSION``.
 
-    cfg = TEAL(sparsity=0.5)
-    d = cfg.to_dict()               # {"method": "teal", "version": 1, "sparsity": 0.5, ...}
-    assert config_from_dict(d) == cfg
+    @dataclass(frozen=True)
+    class Schedule(VersionedConfig):
+        KIND: ClassVar[str] = "constant"
+        value: float = 0.0
+
+    assert Schedule.from_dict(Schedule(0.3).to_dict()) == Schedule(0.3)
+
+A dict without a ``version`` key is read as the current version (files written before
+configs carried one).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from actsparse.errors import ConfigError
 
-# method name -> config class
-CONFIGS: dict[str, type["SparsityConfig"]] = {}
-
-
-def register_config(cls):
-    """Class decorator: make ``cls`` (a SparsityConfig subclass with METHOD set) loadable by name."""
-    name = cls.METHOD
-    if name in CONFIGS and CONFIGS[name] is not cls:
-        raise ValueError(f"method {name!r} is already registered by {CONFIGS[name].__name__}")
-    CONFIGS[name] = cls
-    return cls
-
-
-def _ensure_methods_loaded() -> None:
-    import actsparse.sparsify  # noqa: F401  (registers every built-in method)
-
-
-def method_names() -> list[str]:
-    _ensure_methods_loaded()
-    return sorted(CONFIGS)
-
-
-def config_class(method: str) -> type["SparsityConfig"]:
-    _ensure_methods_loaded()
-    try:
-        return CONFIGS[method.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(sorted(CONFIGS))}") from None
-
-
-def check_sparsity(value, what: str = "sparsity") -> float:
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number in [0, 1), got {value!r}") from None
-    if not (0.0 <= s < 1.0) or math.isnan(s):
-        raise ConfigError(f"{what} must be in [0, 1), got {value!r}")
-    return s
-
 
 def _coerce(value, tp, name: str):
-    """Convert a JSON value to the annotated field type (tuples from lists), strictly."""
+    """Convert a JSON value to the annotated type ``tp``, strictly."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, name)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{name}: {value!r} does not match {tp}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -85,6 +54,12 @@ def _coerce(value, tp, name: str):
         if len(args) != len(value):
             raise ConfigError(f"{name}: expected {len(args)} items, got {value!r}")
         return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if isinstance(tp, type) and issubclass(tp, VersionedConfig):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected an object for {tp.__name__}, got {value!r}")
+        return tp.from_dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
@@ -105,81 +80,55 @@ def _coerce(value, tp, name: str):
 
 
 def _plain(value):
+    if isinstance(value, VersionedConfig):
+        return value.to_dict()
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
     return value
 
 
 @dataclass(frozen=True)
-class SparsityConfig:
-    """Base of every method config. Subclasses set ``METHOD`` and ``VERSION`` and add fields.
+class VersionedConfig:
+    """Base of every serialised config (see the module docstring)."""
 
-    Common field: ``overrides``, a tuple of ``(pattern, sparsity)`` pairs matched against
-    module paths (``fnmatch`` glob, or a regular expression when prefixed ``re:``); the
-    last matching pattern wins; ``sparsity=None`` leaves the matched sites dense.
-    """
-
-    METHOD: ClassVar[str] = ""
+    KIND_KEY: ClassVar[str] = "kind"
+    KIND: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
 
-    def __post_init__(self):
-        if hasattr(self, "sparsity"):
-            object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
-        ov = getattr(self, "overrides", ())
-        if isinstance(ov, dict):
-            ov = tuple(ov.items())
-        clean = []
-        for item in ov or ():
-            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
-                raise ConfigError(f"overrides must be (pattern, sparsity or None) pairs, got {item!r}")
-            pat, s = item
-            clean.append((pat, None if s is None else check_sparsity(s, f"override sparsity for {pat!r}")))
-        if hasattr(self, "overrides"):
-            object.__setattr__(self, "overrides", tuple(clean))
+    @classmethod
+    def kind(cls) -> str:
+        return cls.KIND
 
-    # ----------------------------------------------------------- serialisation
+    def fields_dict(self) -> dict:
+        """The fields only (no kind or version), JSON-ready."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
     def to_dict(self) -> dict:
-        out = {"method": self.METHOD, "version": self.VERSION}
-        for f in dataclasses.fields(self):
-            out[f.name] = _plain(getattr(self, f.name))
-        return out
+        return {self.KIND_KEY: self.kind(), "version": self.VERSION, **self.fields_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SparsityConfig":
+    def from_dict(cls, d: dict):
         if not isinstance(d, dict):
-            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+            raise ConfigError(f"a {cls.__name__} config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
-        method = d.pop("method", cls.METHOD)
-        if method != cls.METHOD:
-            raise ConfigError(f"config is for method {method!r}, not {cls.METHOD!r}")
+        kind = d.pop(cls.KIND_KEY, cls.kind())
+        if kind != cls.kind():
+            raise ConfigError(f"config is for {cls.KIND_KEY} {kind!r}, not {cls.kind()!r} ({cls.__name__})")
         version = d.pop("version", cls.VERSION)
         if version != cls.VERSION:
-            raise ConfigError(f"{cls.__name__} config version {version!r} is not supported (this is version {cls.VERSION})")
+            raise ConfigError(f"{cls.__name__} config version {version!r} is not supported "
+                              f"(this is version {cls.VERSION})")
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown key(s) for {cls.__name__}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        kwargs = {k: _coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in d.items()}
-        return cls(**kwargs)
+            raise ConfigError(f"unknown key(s) for {cls.__name__}: {', '.join(unknown)}; "
+                              f"valid: {', '.join(sorted(names))}")
+        return cls(**{k: _coerce(v, hints[k], f"{cls.__name__}.{k}") for k, v in d.items()})
 
     @classmethod
-    def from_json(cls, s: str) -> "SparsityConfig":
+    def from_json(cls, s: str):
         return cls.from_dict(json.loads(s))
-
-    def with_sparsity(self, sparsity: float) -> "SparsityConfig":
-        return dataclasses.replace(self, sparsity=sparsity)
-
-
-def config_from_dict(d: dict) -> SparsityConfig:
-    """Build the config named by ``d["method"]`` (strict)."""
-    if not isinstance(d, dict) or "method" not in d:
-        raise ConfigError(f"a config needs a 'method' key; valid methods: {', '.join(method_names())}")
-    return config_class(str(d["method"])).from_dict(d)
-
-
-def config_from_json(s: str) -> SparsityConfig:
-    return config_from_dict(json.loads(s))

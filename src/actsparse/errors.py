@@ -1,17 +1,26 @@
-"""Exceptions for bad user input. Messages name the problem and the fix."""
+"""Exceptions for bad user input and wrong state. Messages name the problem and the fix."""
 
 
 class ActsparseError(Exception):
-    """Base class for errors caused by user input or environment."""
+    """Base class for errors caused by user input, environment or call order."""
 
 
 class ModelNotFoundError(ActsparseError):
-    pass
+    """A model name, directory or file that cannot be loaded."""
 
 
 class DataError(ActsparseError):
-    pass
+    """Text, windows or statistics that cannot serve the request."""
 
 
 class ConfigError(ActsparseError):
-    pass
+    """A configuration value (method config, option, plan entry) that is invalid."""
+
+
+class StateError(ActsparseError):
+    """A call that does not fit the object's current state (already sparsified, KV cache
+    full, not sparsified yet, ...)."""
+
+
+class UnsupportedError(ActsparseError):
+    """A model, architecture feature or format that this part of actsparse does not handle."""

@@ -6,7 +6,7 @@ import torch
 import actsparse as asp
 from actsparse.decode import accelerate_, deaccelerate_
 from actsparse.decode.accelerate import KernelLinear, ZeroSkipLinear
-from actsparse.errors import ConfigError
+from actsparse.errors import StateError
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation
 
 from test_fast_decoder import install, tiny_llama
@@ -58,7 +58,7 @@ def test_generate_after_accelerate_matches_and_desparsify_restores(kind):
     with torch.no_grad():
         got = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert got.tolist() == ref.tolist()
-    with pytest.raises(ConfigError, match="already accelerated"):
+    with pytest.raises(StateError, match="already accelerated"):
         accelerate_(model)
     asp.desparsify_(model)
     for n, m in model.named_modules():
@@ -67,6 +67,6 @@ def test_generate_after_accelerate_matches_and_desparsify_restores(kind):
 
 
 def test_accelerate_needs_a_sparsified_model():
-    with pytest.raises(ConfigError, match="no sparse modules"):
+    with pytest.raises(StateError, match="no sparse modules"):
         accelerate_(tiny_llama())
     deaccelerate_(tiny_llama())  # no-op

@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import actsparse as asp
-from actsparse.decode import FastDecoder
-from actsparse.errors import ConfigError
+from actsparse.decode import FastDecoder, Mode, Role
+from actsparse.errors import ConfigError, StateError, UnsupportedError
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation
 
 ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -121,7 +121,7 @@ def test_shared_thresholds_fuse_qkv_and_gate_up(bias):
     ids = torch.tensor([3, 17, 5, 99, 42, 8])
     ref = reference_logits(model, ids)
     dec = FastDecoder(model, max_len=8)
-    assert (dec._modes[:, [1, 2, 5]] == 3).all()  # k, v, up computed with q, gate
+    assert (dec.plan.modes()[:, [Role.K, Role.V, Role.UP]] == Mode.FUSED).all()  # k, v, up computed with q, gate
     got = np.stack([dec.step(int(t)).copy() for t in ids])
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
     sp = dec.decode_sparsity()
@@ -188,18 +188,18 @@ def test_bad_input_errors():
     dec = FastDecoder(model, max_len=3)
     for t in (1, 2, 3):
         dec.step(t)
-    with pytest.raises(ConfigError, match="KV cache is full"):
+    with pytest.raises(StateError, match="KV cache is full"):
         dec.step(4)
     with pytest.raises(ConfigError, match="exceed max_len"):
         dec.generate(torch.tensor([1, 2]), 5)
     with pytest.raises(ConfigError, match="empty"):
         dec.prefill(torch.tensor([], dtype=torch.long))
-    with pytest.raises(ConfigError, match="fp32 or bf16"):
+    with pytest.raises(UnsupportedError, match="fp32 or bf16"):
         FastDecoder(tiny_llama().to(torch.float16))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()
-    with pytest.raises(ConfigError, match="LLaMA-style"):
+    with pytest.raises(UnsupportedError, match="LLaMA-style"):
         FastDecoder(gpt2)
 
 

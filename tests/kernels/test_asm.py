@@ -22,9 +22,9 @@ def _fresh(fn):
     """An uncached copy of a kernel (numba refuses to show assembly of cached code)."""
     import numba
 
-    from actsparse.kernels import numba_cpu as nc
+    from actsparse.kernels import primitives
 
-    opts = dict(nc._JIT)
+    opts = dict(primitives.JIT)
     opts["cache"] = False
     return numba.njit(**opts)(fn.py_func)
 
@@ -33,15 +33,15 @@ def _fresh(fn):
 def test_accumulate_and_dot_use_packed_ymm_fma(wdtype):
     if not _host_has_avx2_fma():
         pytest.skip("host CPU has no AVX2+FMA")
-    from actsparse.kernels import numba_cpu as nc
+    from actsparse.kernels import primitives as P
 
     wt = np.zeros((16, 100), wdtype)
     idx = np.arange(16, dtype=np.int64)
     vals = np.ones(16, np.float32)
     acc = np.empty(100, np.float32)
-    acc_k = _fresh(nc._accumulate)
+    acc_k = _fresh(P.accumulate_rows)
     acc_k(wt, idx, vals, 0, 16, acc)
-    dot4 = _fresh(nc._dot4)
+    dot4 = _fresh(P.dot4)
     dot4(wt, 0, 1, 2, 3, np.ones(100, np.float32))
     for kernel in (acc_k, dot4):
         asm = "\n".join(kernel.inspect_asm().values())

@@ -6,7 +6,7 @@ from torch.nn.utils import prune
 
 from actsparse.errors import ConfigError
 from actsparse.prune import hosts as H
-from actsparse.prune.nets import MLP, SmallResNet
+from actsparse.experiments.ap_digits.nets import MLP, SmallResNet
 
 
 @pytest.fixture(autouse=True)

@@ -106,18 +106,19 @@ def test_greedy_spends_sparsity_where_the_inputs_matter_least(monkeypatch, norm,
 def test_greedy_beats_uniform_on_its_block_error(greedy_stats):
     from actsparse.models.sitemaps import site_map
     from actsparse.sparsify.allocation import block_greedy
+    from actsparse.sparsify.targets import Target
 
     model, _, stats = greedy_stats
     smap = site_map(model, warn=False)
     for layer in range(smap.num_layers):
-        g = block_greedy(model, smap, GREEDY, stats, layer)
+        g = block_greedy(Target(model, GREEDY, smap), stats, layer)
         g.extend_to(0.5)
         greedy_state = next(st for w, st, _, _ in g.path if w >= 0.5 - 1e-12)
         uniform_state = {k: 10 for k in g.kinds}  # 10 x 0.05 = 0.5
         assert g.weighted(uniform_state) == pytest.approx(0.5)
         assert g.error(greedy_state) <= g.error(uniform_state)
         # the path is cached: a second lookup returns the same object (a bisection pays once)
-        assert block_greedy(model, smap, GREEDY, stats, layer) is g
+        assert block_greedy(Target(model, GREEDY, smap), stats, layer) is g
 
 
 def test_greedy_plan_round_trip_and_sparse_model(greedy_stats, tmp_path):
@@ -140,7 +141,7 @@ def test_greedy_plan_round_trip_and_sparse_model(greedy_stats, tmp_path):
 
 
 def test_greedy_config_checks_and_variant():
-    from actsparse.commands.sparsify import make_config
+    from actsparse.sparsify.registry import make_config
 
     assert make_config("teal-greedy", 0.4) == TEAL(sparsity=0.4, allocation="greedy")
     with pytest.raises(ConfigError, match="greedy_step"):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from actsparse.config import config_from_dict, config_from_json, method_names
+from actsparse.sparsify.registry import config_from_dict, config_from_json, method_names
 from actsparse.errors import ConfigError
 from actsparse.sparsify import CATS, CETT, CHESS, TEAL, TopK, WINA
 

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from actsparse.errors import ConfigError
-from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, TokenMask, topk_keep
+from actsparse.measure.hooks import MaskTracker
+from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, topk_keep
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,7 +77,7 @@ def test_threshold_rounded_to_fp32_and_validated():
 
 def test_counting_excludes_padding():
     m = MaskedLinear(nn.Linear(4, 2), 10.0)  # drops everything
-    tm = TokenMask()
+    tm = MaskTracker()
     m._token_mask = tm
     tm.mask = torch.tensor([[1, 1, 0]])
     m(torch.randn(1, 3, 4))

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from actsparse.errors import ConfigError, DataError
+from actsparse.errors import ConfigError, DataError, StateError
 from actsparse.eval.perplexity import perplexity
 from actsparse.sparsify import (CATS, CETT, CHESS, TEAL, TopK, WINA, calibrate, desparsify_, iter_sparse_modules,
                                 reached_sparsity, sparsify_)
@@ -122,7 +122,7 @@ def test_already_sparsified_and_missing_stats(tiny_stats):
     model, cal, stats = tiny_stats
     sparsify_(model, CATS(sparsity=0.5), stats=stats)
     try:
-        with pytest.raises(ConfigError, match="already sparsified"):
+        with pytest.raises(StateError, match="already sparsified"):
             sparsify_(model, CATS(sparsity=0.5), stats=stats)
     finally:
         desparsify_(model)

@@ -99,7 +99,7 @@ The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
 
 
 def _run_kernel(args) -> int:
-    from actsparse.eval import bench_kernel as bk
+    from actsparse.bench import kernel as bk
 
     dtypes = args.dtypes or ["fp32", "bf16"]
     bad = [d for d in dtypes if d not in bk.DTYPES]
@@ -199,7 +199,7 @@ ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
 
 
 def _run_decode(args) -> int:
-    from actsparse.eval import bench_decode as bd
+    from actsparse.bench import decode as bd
 
     bad = [d for d in args.dtypes if d not in ("bfloat16", "float32")]
     if bad:

@@ -62,13 +62,13 @@ def run(args) -> int:
 
 def _quality(args, model, tok, report, out: Path) -> None:
     """Calibrate each method on the calibration split, evaluate on the test split, add a section."""
-    from actsparse.commands.sparsify import make_config
     from actsparse.commands.sweep import model_slug
     from actsparse.data.text import text, token_windows
     from actsparse.eval.perplexity import perplexity
     from actsparse.io import read_json, write_json
     from actsparse.report.quality_report import add_quality_section
     from actsparse.sparsify.api import calibrate, desparsify_, sparsify_, thresholds_table
+    from actsparse.sparsify.registry import make_config
 
     methods = [m.strip() for m in args.quality_methods.split(",") if m.strip()]
     s = args.quality_sparsity
@@ -106,10 +106,11 @@ def _decode_speed(args, stats, report, out: Path) -> None:
     """bf16 FastDecoder tokens/s: dense vs TEAL and CATS at the quality sparsity (thresholds
     from the fp32 calibration statistics of the quality part)."""
     import actsparse as asp
-    from actsparse.commands.sparsify import make_config
+    from actsparse.bench.decode import measure_plans
     from actsparse.io import write_json
-    from actsparse.report.decode_report import add_decode_section, measure_decode
+    from actsparse.report.decode_report import add_decode_section
     from actsparse.sparsify.api import sparsify_
+    from actsparse.sparsify.registry import make_config
 
     s = args.quality_sparsity
     methods = [m for m in ("teal", "cats") if m in args.quality_methods.split(",")]
@@ -121,7 +122,7 @@ def _decode_speed(args, stats, report, out: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.decode_threads))
     try:
-        doc = measure_decode(model16, tok, plans, new_tokens=args.decode_tokens)
+        doc = measure_plans(model16, tok, plans, new_tokens=args.decode_tokens)
     finally:
         torch.set_num_threads(threads)
     write_json(out / "decode.json", doc)

@@ -96,7 +96,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from actsparse.train.loop import FinetuneConfig, finetune
+    from actsparse.experiments.finetune import finetune
+    from actsparse.train.loop import FinetuneConfig
 
     apply_threads(args)
     config = FinetuneConfig(

@@ -74,7 +74,7 @@ def run(args) -> int:
     else:
         if args.plan is not None:
             print(f"\n[{asp.accelerate_(model)}]", file=sys.stderr)
-        from actsparse.decode.hf_timing import GenerateClock
+        from actsparse.bench.timing import GenerateClock
 
         torch.manual_seed(args.seed)
         clock = GenerateClock(on_token=stream)

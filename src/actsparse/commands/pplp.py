@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import actsparse as asp
-    from actsparse.commands.sparsify import make_config
+    from actsparse.sparsify.registry import make_config
     from actsparse.data.text import text, token_windows
     from actsparse.eval.perplexity import perplexity, ppl_p_search
     from actsparse.io import read_json, write_json

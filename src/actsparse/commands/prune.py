@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--work-dir", default=None,
                    help="checkpoint folder for resuming (default: OUT/ap_runs for prune, "
-                        "~/.cache/actsparse/ap_runs for prune-experiment)")
+                        "<cache dir>/ap_runs for prune-experiment; cache dir = $ACTSPARSE_CACHE or ~/.cache/actsparse)")
 
 
 def register(subparsers) -> None:
@@ -88,7 +88,7 @@ def _setup(args) -> None:
 
 
 def _train_cfg(args, epochs: int, dnr_samples: int = 256):
-    from actsparse.prune.training import TrainConfig
+    from actsparse.experiments.ap_digits.training import TrainConfig
 
     return TrainConfig(epochs=epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
                        dnr_samples=dnr_samples)
@@ -98,8 +98,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from actsparse.io import write_json
-    from actsparse.prune.data import load_dataset
-    from actsparse.prune.experiment import RunConfig, run_pruning, versions
+    from actsparse.experiments.ap_digits.data import load_dataset
+    from actsparse.experiments.ap_digits.runner import RunConfig, run_pruning, versions
 
     _setup(args)
     cfg = RunConfig(model=args.model, host=args.host, ap=args.ap, rate=args.rate, cycles=args.cycles,
@@ -134,7 +134,7 @@ def run_experiment(args) -> int:
 
     from tqdm import tqdm
 
-    from actsparse.prune.experiment import QUICK, SweepConfig, run_sweep
+    from actsparse.experiments.ap_digits.runner import QUICK, SweepConfig, run_sweep
     from actsparse.prune.hosts import HOSTS
 
     _setup(args)
@@ -163,7 +163,9 @@ def run_experiment(args) -> int:
         kw["model_epochs"] = ()
     sweep = replace(sweep, **kw)
     sweep.runs()  # validates names and rates before anything runs
-    work = Path(args.work_dir) if args.work_dir else Path(os.path.expanduser("~/.cache/actsparse/ap_runs"))
+    from actsparse.cache import cache_dir
+
+    work = Path(args.work_dir) if args.work_dir else cache_dir() / "ap_runs"
     bar = tqdm(total=len(sweep.runs()), desc="prune-experiment", unit="run")
 
     def progress(i, n, cfg):

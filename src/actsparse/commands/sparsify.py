@@ -6,35 +6,25 @@ from pathlib import Path
 
 from actsparse.commands.common import add_data_options, add_model_options, apply_threads
 
-VARIANTS = {
-    "teal": ("teal", {}),
-    "teal-greedy": ("teal", {"allocation": "greedy"}),
-    "cats": ("cats", {}),
-    "chess": ("chess", {}),
-    "chess-selective": ("chess", {"selective": True}),
-    "topk": ("topk", {}),
-    "wina": ("wina", {}),
-    "cett": ("cett", {}),
-}
-
-
-def make_config(method: str, sparsity: float | None = None, *, cett: float | None = None, overrides=(), **extra):
-    """A config from a method name (or variant: chess-selective) and a sparsity."""
-    from actsparse.config import config_class
+def config_from_args(args):
+    """The method config the options name: ``--method`` (a method or preset), ``--sparsity``
+    (``--cett`` for a method whose knob is the CETT value), ``--override``, ``--allocation``."""
     from actsparse.errors import ConfigError
+    from actsparse.sparsify.registry import PRESETS, make_config
 
-    if method not in VARIANTS:
-        raise ConfigError(f"unknown method {method!r}; valid: {', '.join(VARIANTS)}")
-    name, opts = VARIANTS[method]
-    cls = config_class(name)
-    kwargs = dict(opts, **extra)
-    if name == "cett":
-        kwargs["cett"] = cett if cett is not None else (sparsity if sparsity is not None else 0.2)
-    elif sparsity is not None:
-        kwargs["sparsity"] = sparsity
+    if args.method not in PRESETS:
+        raise ConfigError(f"unknown method {args.method!r}; valid: {', '.join(PRESETS)}")
+    cls = PRESETS[args.method][0]
+    extra = {}
+    if args.allocation is not None:
+        if cls.METHOD != "teal":
+            raise ConfigError(f"--allocation applies to TEAL only, not {args.method!r}")
+        extra["allocation"] = args.allocation
+    overrides = parse_overrides(args.override)
     if overrides:
-        kwargs["overrides"] = tuple(overrides)
-    return cls(**kwargs)
+        extra["overrides"] = tuple(overrides)
+    knob = args.cett if cls.KNOB == "cett" and args.cett is not None else args.sparsity
+    return make_config(args.method, knob, **extra)
 
 
 def parse_overrides(items) -> list:
@@ -50,7 +40,9 @@ def parse_overrides(items) -> list:
 
 
 def add_method_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(VARIANTS)}")
+    from actsparse.sparsify.registry import preset_names
+
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(preset_names())}")
     p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity in [0, 1)")
     p.add_argument("--cett", type=float, default=None, help="CETT target (method cett)")
     p.add_argument("--allocation", choices=["uniform", "greedy"], default=None,
@@ -84,14 +76,7 @@ def run(args) -> int:
     from actsparse.sparsify.plan import save_plan
 
     apply_threads(args)
-    extra = {}
-    if args.allocation is not None:
-        from actsparse.errors import ConfigError
-
-        if VARIANTS.get(args.method, ("",))[0] != "teal":
-            raise ConfigError(f"--allocation applies to TEAL only, not {args.method!r}")
-        extra["allocation"] = args.allocation
-    config = make_config(args.method, args.sparsity, cett=args.cett, overrides=parse_overrides(args.override), **extra)
+    config = config_from_args(args)
     model, tok = asp.load(args.model, dtype=args.dtype)
     windows = token_windows(tok, text(args.data, args.split), window=args.window, max_tokens=args.tokens)
     sparsify_(model, config, calibration=windows, batch_size=args.batch_size, progress=not args.no_progress)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,30 +34,21 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def git_hash() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def model_slug(name: str) -> str:
     return Path(name).name.replace("/", "-").lower()
 
 
 def run(args) -> int:
     import actsparse as asp
-    from actsparse.commands.sparsify import make_config
-    from actsparse.config import check_sparsity
     from actsparse.data.text import text, token_windows
     from actsparse.eval.perplexity import perplexity
     from actsparse.io import read_json, write_json
-    from actsparse.measure.profile import environment_info
     from actsparse.models.loading import weights_identity
+    from actsparse.provenance import environment, git_hash
     from actsparse.report.quality_report import plot_quality
     from actsparse.sparsify.api import calibrate, desparsify_, sparsify_
     from actsparse.sparsify.modules import bytes_skipped
+    from actsparse.sparsify.registry import check_sparsity, make_config
 
     apply_threads(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -73,7 +63,7 @@ def run(args) -> int:
     doc = read_json(out) if args.resume and out.is_file() else None
     if doc is None:
         doc = {"format": "actsparse.quality/1", "model": args.model, "identity": weights_identity(model),
-               "dtype": args.dtype, "git": git_hash(), "environment": environment_info(),
+               "dtype": args.dtype, "git": git_hash(), "environment": environment(),
                "protocol": {"data": args.data, "calibration": {"split": "calibration", "tokens": cal.tokens,
                                                                "window": args.calib_window},
                             "evaluation": {"split": "test", "tokens_requested": args.tokens, "window": args.window,

@@ -7,9 +7,12 @@ masked dense forward it replaced. In an MLP whose activation is thresholded (CAT
 Top-K on the activation), the down projection's input has exact zeros: its linear becomes
 a :class:`ZeroSkipLinear` that reads only the rows of the non-zero inputs.
 
-This works on any architecture sparsify_ supports, but Hugging Face's per-token overhead
-stays (~15 ms per token for SmolLM2); :class:`~actsparse.decode.FastDecoder` removes it
-for LLaMA-style models. ``deaccelerate_`` (also called by ``desparsify_``) undoes it.
+This works on any architecture sparsify_ supports (the site map says which module is the
+down projection of the MLP whose activation is thresholded), but Hugging Face's per-token
+overhead stays (~15 ms per token for SmolLM2); :class:`~actsparse.decode.FastDecoder` removes
+it for LLaMA-style models. The swaps go through the module-swap ledger under the owner
+"accelerate", declared dependent on "sparsify": ``deaccelerate_`` undoes them, and so does
+``desparsify_``.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.errors import ConfigError
+from actsparse.errors import StateError
 from actsparse.kernels import sparse_input_gemv, to_kernel_layout
+from actsparse.models import swap
+from actsparse.models.sitemaps import site_map
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, iter_sparse_modules
 
-ACCEL_ATTR = "_actsparse_accelerated"
+OWNER = "accelerate"
 
 
 def _single_token(x: torch.Tensor, width: int) -> bool:
@@ -101,42 +106,35 @@ class AccelerationReport:
 
 def accelerate_(model: nn.Module) -> AccelerationReport:
     """Swap the sparse linears of a sparsified ``model`` for kernel-backed ones, in place."""
-    if getattr(model, ACCEL_ATTR, None) is not None:
-        raise ConfigError("the model is already accelerated (call deaccelerate_ first)")
+    if swap.has(model, OWNER):
+        raise StateError("the model is already accelerated (call deaccelerate_ first)")
     sparse = list(iter_sparse_modules(model))
     if not sparse:
-        raise ConfigError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
-    replaced: dict[str, nn.Module] = {}
+        raise StateError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
+    smap = site_map(model, warn=False)
     copy_bytes = n_kernel = n_zero = 0
     for path, m in sparse:
         if isinstance(m, MaskedLinear):
             new = KernelLinear(m)
             n_kernel += 1
         elif isinstance(m, ThresholdedActivation):
-            down_path = path.rsplit(".", 1)[0] + ".down_proj"
-            try:
-                down = model.get_submodule(down_path)
-            except AttributeError:
-                continue  # not a LLaMA-style gated MLP: the masked dense path stays
+            where = smap.locate(path)
+            if where is None or "mlp.down" not in smap.roles:
+                continue  # not an MLP activation of the site map: the masked dense path stays
+            path = smap.module_path(where[0], "mlp.down")
+            down = model.get_submodule(path)
             if type(down) is not nn.Linear:
                 continue  # already a sparse linear (TEAL on down): it skips the zeros itself
-            path, m, new = down_path, down, ZeroSkipLinear(down)
+            new = ZeroSkipLinear(down)
             n_zero += 1
         else:
             continue
         copy_bytes += new.wt.numel() * new.wt.element_size()
-        replaced[path] = m
-        model.set_submodule(path, new)
-    object.__setattr__(model, ACCEL_ATTR, replaced)
+        swap.swap_module(model, path, new, owner=OWNER, depends_on=("sparsify",))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return AccelerationReport(n_kernel, n_zero, copy_bytes, weights)
 
 
 def deaccelerate_(model: nn.Module) -> None:
     """Undo :func:`accelerate_` (the masked modules come back); no-op if not accelerated."""
-    replaced = getattr(model, ACCEL_ATTR, None)
-    if replaced is None:
-        return
-    for path, m in replaced.items():
-        model.set_submodule(path, m)
-    object.__delattr__(model, ACCEL_ATTR)
+    swap.unwind(model, OWNER)

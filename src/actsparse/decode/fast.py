@@ -7,14 +7,14 @@
 
 The prompt goes through the model's own forward (batched, masked dense when sparsified)
 and its KV cache is copied; every new token then runs in one compiled call
-(:mod:`actsparse.decode._numba_step`). Sparse sites come from the model's sparse modules:
-a :class:`MaskedLinear` becomes an input-sparse GEMV on a transposed copy of its weight, a
-:class:`ThresholdedActivation` in the MLP reads only the kept rows of up and down. Dense
-linears use the model's own weight memory (no copy). ``dense=True`` ignores the sparse
-modules: the dense baseline on the same engine. A ReLU MLP skips its exact zeros
-(``skip_zeros``, on by default: the result is the same, only faster). Top-k sites keep the
-entries above the (k+1)-th largest |x|: with exact ties at that boundary all tied entries are
-dropped (torch.topk would keep an arbitrary subset).
+(:mod:`actsparse.decode.step`). What each linear does comes from the model's
+:class:`~actsparse.decode.plan.DecodePlan`: a :class:`MaskedLinear` becomes an input-sparse
+GEMV on a transposed copy of its weight, a :class:`ThresholdedActivation` in the MLP reads
+only the kept rows of up and down. Dense linears use the model's own weight memory (no copy).
+``dense=True`` ignores the sparse modules: the dense baseline on the same engine. A ReLU MLP
+skips its exact zeros (``skip_zeros``, on by default: the result is the same, only faster).
+Top-k sites keep the entries above the (k+1)-th largest |x|: with exact ties at that boundary
+all tied entries are dropped (torch.topk would keep an arbitrary subset).
 """
 from __future__ import annotations
 
@@ -26,14 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.errors import ConfigError
-from actsparse.kernels.dispatch import kernel_threads, numba_enabled, numpy_view
-from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-ROLE_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
-_ROLE_PATHS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from actsparse.decode.plan import ROLE_NAMES, DecodePlan
+from actsparse.errors import ConfigError, StateError, UnsupportedError
+from actsparse.kernels.dispatch import numba_enabled
+from actsparse.numba_backend import kernel_threads
 
 
 @dataclass
@@ -57,22 +53,6 @@ class GenerationResult:
                 "decode_s": self.decode_s, "tokens_per_s": self.tokens_per_s}
 
 
-def _check_model(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in SUPPORTED_TYPES:
-        raise ConfigError(
-            f"FastDecoder supports LLaMA-style models ({', '.join(SUPPORTED_TYPES)}), not {mtype!r}; "
-            "use accelerate_(model) and model.generate for other architectures")
-    if getattr(model, "device", torch.device("cpu")).type != "cpu":
-        raise ConfigError("FastDecoder runs on the CPU; move the model with model.to('cpu')")
-    dtype = model.get_input_embeddings().weight.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ConfigError(f"FastDecoder needs fp32 or bf16 weights, the model has {dtype}; "
-                          "load it with dtype='float32' or 'bfloat16'")
-    return cfg, dtype
-
-
 class FastDecoder:
     """Compiled batch-1 decoder over a (possibly sparsified) LLaMA-style HF model.
 
@@ -84,167 +64,36 @@ class FastDecoder:
     """
 
     def __init__(self, model: nn.Module, *, max_len: int = 1024, dense: bool = False, skip_zeros: bool | None = None):
-        from numba.typed import List
-
-        from actsparse.decode import _numba_step as nk
-        from actsparse.decode._numba_step import MODE_FUSED
+        from actsparse.decode import step
 
         if not numba_enabled():
-            raise ConfigError("FastDecoder needs numba (it is disabled or missing); use model.generate instead")
-        cfg, dtype = _check_model(model)
-        self.model = model
-        self.dtype = dtype
-        self.dense = dense
+            raise UnsupportedError("FastDecoder needs numba (it is disabled or missing); use model.generate instead")
         self.max_len = int(max_len)
         if self.max_len < 2:
             raise ConfigError("max_len must be at least 2")
-        base = model.get_submodule("model")
-        layers = base.layers
-        L = len(layers)
-        self.num_layers = L
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.hidden = cfg.hidden_size
-        self.eps = float(cfg.rms_norm_eps)
-        self.scale = float(getattr(layers[0].self_attn, "scaling", self.head_dim ** -0.5))
-        wdt = np.uint16 if dtype == torch.bfloat16 else np.float32
-        empty_w = np.empty((0, 0), wdt)
-        empty_f = np.empty(0, np.float32)
-
-        self._keep = []  # tensors whose memory the numba lists point to
-        modes = np.zeros((L, 7), np.int64)
-        tss = np.zeros((L, 7), np.int64)
-        ks = np.zeros((L, 7), np.int64)
-        a_modes = np.zeros(L, np.int64)
-        a_tss = np.zeros(L, np.int64)
-        a_ks = np.zeros(L, np.int64)
-        ws, wts, thrs, biases, a_thrs = List(), List(), List(), List(), List()
-        self.copy_bytes = 0
-        act_names = set()
-        for li, layer in enumerate(layers):
-            act = layer.mlp.act_fn
-            act_names.add(act.act_name if isinstance(act, ThresholdedActivation) else activation_name(act))
-            a_mode, a_thr, a_ts, a_k = self._act_test(act, act_names, dense, skip_zeros)
-            a_modes[li], a_tss[li], a_ks[li] = a_mode, a_ts, a_k
-            a_thrs.append(a_thr)
-            roles = self._role_tests(li, layer, a_mode, dense)
-            fused = set()
-            if _same_test(roles[0:3]):
-                fused |= {1, 2}
-            if a_mode == 0 and _same_test(roles[4:6]):
-                fused.add(5)
-            for r, (mode, thr, ts, k, lin) in enumerate(roles):
-                group = {0: (0, 1, 2), 4: (4, 5)}.get(r, (r,))
-                group = tuple(g for g in group if g == r or g in fused)
-                lins = [roles[g][4] for g in group]
-                if r in fused:
-                    ws.append(empty_w)
-                    wts.append(empty_w)
-                    modes[li, r] = MODE_FUSED
-                elif mode == 0:
-                    w = lin.weight.detach()
-                    if not w.is_contiguous():
-                        raise ConfigError(f"layer {li} {_ROLE_PATHS[r]}: weight is not contiguous")
-                    self._keep.append(w)
-                    ws.append(numpy_view(w))
-                    wts.append(empty_w)
-                else:
-                    wt = torch.cat([m.weight.detach() for m in lins]).t().contiguous()
-                    self._keep.append(wt)
-                    self.copy_bytes += wt.numel() * wt.element_size()
-                    ws.append(numpy_view(lin.weight) if r == 5 else empty_w)  # up rows for the kept neurons
-                    wts.append(numpy_view(wt))
-                if r not in fused:
-                    modes[li, r], tss[li, r], ks[li, r] = mode, ts, k
-                self._keep.append(thr)
-                thrs.append(thr)
-                biases.append(_bias(lins) if r not in fused else empty_f)
-        if len(act_names) != 1 or next(iter(act_names)) not in ("relu", "silu", "gelu_tanh", "gelu"):
-            raise ConfigError(f"unsupported MLP activation {sorted(act_names)} (relu, silu, gelu, gelu_tanh)")
-        from actsparse.kernels.numba_cpu import ACT_CODES
-
-        self.act = next(iter(act_names))
-        self._act_code = ACT_CODES[self.act]
-        self._modes, self._tss, self._ks = modes, tss, ks
-        self._ws, self._wts, self._thrs, self._biases = ws, wts, thrs, biases
-        self._a = (a_modes, a_thrs, a_tss, a_ks)
-        self._norm1 = np.stack([l.input_layernorm.weight.detach().float().numpy() for l in layers])
-        self._norm2 = np.stack([l.post_attention_layernorm.weight.detach().float().numpy() for l in layers])
-        self._final_norm = base.norm.weight.detach().float().contiguous().numpy()
-        emb = model.get_input_embeddings().weight.detach()
-        head = model.get_output_embeddings().weight.detach()
-        self._keep += [emb, head]
-        self._embed, self._head = numpy_view(emb), numpy_view(head)
-        with torch.no_grad():
-            pos = torch.arange(self.max_len)[None]
-            probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
-            cos, sin = base.rotary_emb(probe, pos)
-        self._cos = cos[0].float().contiguous().numpy()
-        self._sin = sin[0].float().contiguous().numpy()
-        self._k_cache = np.zeros((L, self.n_kv, self.max_len, self.head_dim), np.float32)
-        self._v_cache = np.zeros_like(self._k_cache)
-        self._h = np.empty(self.hidden, np.float32)
-        self.vocab = self._head.shape[0]
+        self.plan = DecodePlan.from_model(model, dense=dense, skip_zeros=skip_zeros)
+        self.model = model
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.dense = dense
+        self.num_layers = self.plan.num_layers
+        self._args, self._keep, self.copy_bytes = self.plan.kernel_args(self.max_len)
+        p = self.plan
+        shape = (p.num_layers, p.n_kv, self.max_len, p.head_dim)
+        self._kv = step.KVCache(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        self._h = np.empty(p.hidden, np.float32)
+        self.vocab = self._args.emb.lm_head.shape[0]
         self._logits = np.empty(self.vocab, np.float32)
-        self.counts = np.zeros((L, 8), np.int64)
+        self.counts = np.zeros((p.num_layers, len(ROLE_NAMES) + 1), np.int64)
         self.steps = 0
         self.pos = 0
-        self._step = nk.decode_token
-        self._widths = self._role_widths()
+        self._step = step.decode_token
+        self._widths = p.widths()
 
     # ------------------------------------------------------------------
-    @classmethod
-    def _act_test(cls, act, act_names, dense: bool, skip_zeros) -> tuple[int, np.ndarray, int, int]:
-        """The MLP activation site's test: its threshold / top-k, a ReLU's exact zeros, or none."""
-        relu = act_names == {"relu"}
-        zero_skip = (skip_zeros if skip_zeros is not None else relu) and not dense
-        if isinstance(act, ThresholdedActivation) and not dense:
-            return cls._site_test(act)
-        if zero_skip and not relu:
-            raise ConfigError("skip_zeros needs a ReLU MLP (its exact zeros); this model's activation is "
-                              f"{', '.join(sorted(act_names))}")
-        if zero_skip:
-            return 1, np.zeros(1, np.float32), 0, 0
-        return 0, np.empty(0, np.float32), 0, 0
-
-    @classmethod
-    def _role_tests(cls, li: int, layer, a_mode: int, dense: bool) -> list:
-        """(mode, thresholds, stride, k, nn.Linear) of each linear of one layer."""
-        roles = []
-        for r, rel in enumerate(_ROLE_PATHS):
-            mod = layer.get_submodule(rel)
-            lin = mod.linear if isinstance(mod, MaskedLinear) else mod
-            if not isinstance(lin, nn.Linear):
-                raise ConfigError(f"layer {li} {rel} is a {type(lin).__name__}, expected nn.Linear")
-            if isinstance(mod, MaskedLinear) and not dense:
-                roles.append((*cls._site_test(mod), lin))
-            elif r == 6 and a_mode != 0:
-                roles.append((1, np.zeros(1, np.float32), 0, 0, lin))  # skip the masked neurons' rows
-            else:
-                roles.append((0, np.empty(0, np.float32), 0, 0, lin))
-        return roles
-
-    @staticmethod
-    def _site_test(m) -> tuple[int, np.ndarray, int, int]:
-        """(mode, thresholds, stride, k) of a sparse module."""
-        if m.mode == "topk":
-            return 2, np.empty(0, np.float32), 0, int(m.k)
-        if m.per_channel:
-            return 1, m.threshold.detach().float().contiguous().numpy(), 1, 0
-        return 1, np.array([m.threshold], np.float32), 0, 0
-
-    def _role_widths(self) -> np.ndarray:
-        layer = self.model.get_submodule("model").layers[0]
-        widths = [layer.get_submodule(p).in_features for p in _ROLE_PATHS]
-        return np.array(widths + [layer.get_submodule("mlp.down_proj").in_features], np.int64)
-
     @property
     def sparse_roles(self) -> dict[str, int]:
         """Number of layers in which each linear reads a sparse input (and the MLP site)."""
-        out = {n: int((self._modes[:, i] != 0).sum()) for i, n in enumerate(ROLE_NAMES)}
-        out["mlp.act"] = int((self._a[0] != 0).sum())
-        return out
+        return self.plan.sparse_roles()
 
     def reset(self) -> None:
         self.pos = 0
@@ -258,8 +107,6 @@ class FastDecoder:
             return {}
         names = ROLE_NAMES + ("mlp.act",)
         tot = self.counts.sum(axis=0) / (self.steps * self.num_layers * self._widths)
-        ffn = self._widths[6]
-        tot[7] = self.counts[:, 7].sum() / (self.steps * self.num_layers * ffn)
         return {n: float(1.0 - tot[i]) for i, n in enumerate(names)}
 
     def weight_skip(self) -> dict[str, float]:
@@ -278,15 +125,9 @@ class FastDecoder:
         """Decode one token at the current position; returns the fp32 logits (a view,
         overwritten by the next step)."""
         if self.pos >= self.max_len:
-            raise ConfigError(f"the KV cache is full ({self.max_len} positions); make a FastDecoder with a "
-                              "larger max_len")
-        a_modes, a_thrs, a_tss, a_ks = self._a
-        self._step(int(token), self.pos, self._embed, self._h,
-                   self._modes, self._ws, self._wts, self._thrs, self._tss, self._ks, self._biases,
-                   self._norm1, self._norm2, self._final_norm, self.eps,
-                   self._act_code, a_modes, a_thrs, a_tss, a_ks,
-                   self._k_cache, self._v_cache, self._cos, self._sin, self.n_heads, self.n_kv, self.head_dim,
-                   np.float32(self.scale), self._head, self._logits, self.counts, kernel_threads())
+            raise StateError(f"the KV cache is full ({self.max_len} positions); make a FastDecoder with a "
+                             "larger max_len")
+        self._step(int(token), self.pos, self._args, self._kv, self._h, self._logits, self.counts, kernel_threads())
         self.pos += 1
         self.steps += 1
         return self._logits
@@ -314,8 +155,8 @@ class FastDecoder:
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         for li in range(self.num_layers):
             k, v = _cache_layer(cache, li)
-            self._k_cache[li, :, :n] = k[0].float().numpy()
-            self._v_cache[li, :, :n] = v[0].float().numpy()
+            self._kv.k[li, :, :n] = k[0].float().numpy()
+            self._kv.v[li, :, :n] = v[0].float().numpy()
         self.pos = n
         return out.logits[0, -1].float().numpy()
 
@@ -351,26 +192,9 @@ class FastDecoder:
     def memory_report(self) -> dict:
         """Bytes of the model's weights and of the transposed copies the decoder added."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        cache = self._k_cache.nbytes + self._v_cache.nbytes
+        cache = self._kv.k.nbytes + self._kv.v.nbytes
         return {"model_weight_bytes": weights, "transposed_copy_bytes": self.copy_bytes,
                 "copy_overhead": self.copy_bytes / weights if weights else math.nan, "kv_cache_bytes": cache}
-
-
-def _same_test(roles) -> bool:
-    """True if these linears (sharing one input) are all sparse with the same test, so one
-    GEMV over their concatenated transposed weights serves them all."""
-    mode, thr, ts, k, lin = roles[0]
-    if mode not in (1, 2):
-        return False
-    has_bias = lin.bias is not None
-    return all(m == mode and t2 == ts and k2 == k and np.array_equal(th, thr) and (l2.bias is not None) == has_bias
-               for m, th, t2, k2, l2 in roles[1:])
-
-
-def _bias(linears) -> np.ndarray:
-    if linears[0].bias is None:
-        return np.empty(0, np.float32)
-    return torch.cat([m.bias.detach().float() for m in linears]).contiguous().numpy()
 
 
 def _cache_layer(cache, i):

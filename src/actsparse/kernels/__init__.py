@@ -4,21 +4,18 @@
     wt = to_kernel_layout(linear.weight, torch.bfloat16)   # (in, out), once
     y = sparse_input_gemv(x, wt, threshold)                # = F.linear(x * (|x| > t), W)
 
-Importing this package is cheap: numba is imported, and the kernels compiled, on
-the first call (compiled code is cached on disk; ``NUMBA_CACHE_DIR`` defaults to
-``~/.cache/actsparse/numba``). Set ``ACTSPARSE_DISABLE_NUMBA=1`` to use the pure
-torch reference instead.
+Modules: ``formats`` (weight formats and their numpy storage), ``primitives`` (public numba
+building blocks), ``numba_cpu`` (the GEMV kernels), ``reference`` (the torch specification
+of every kernel), ``dispatch`` (the torch-facing API that picks one of them).
+
+Importing this package is cheap: numba is imported, and the kernels compiled, on the
+first call (compiled code is cached under the actsparse cache directory, see
+:mod:`actsparse.numba_backend`). Set ``ACTSPARSE_DISABLE_NUMBA=1`` to use the pure torch
+reference instead.
 """
 from __future__ import annotations
 
-import os
-
-# before numba is imported anywhere through this package
-os.environ.setdefault(
-    "NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "actsparse", "numba")
-)
-
-from actsparse.kernels.dispatch import (  # noqa: E402
+from actsparse.kernels.dispatch import (
     backend,
     gated_mlp_step,
     numba_enabled,

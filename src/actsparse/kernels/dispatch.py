@@ -12,13 +12,14 @@ same time (a kernel call blocks the caller until it is done).
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import torch
 
 from actsparse.kernels import reference as ref
+from actsparse.kernels.formats import KERNEL_DTYPES, numpy_view
+from actsparse.numba_backend import kernel_threads, numba_enabled as backend_enabled, start_thread_pool
 
 __all__ = [
     "backend",
@@ -27,11 +28,8 @@ __all__ = [
     "sparse_output_gemv",
     "gated_mlp_step",
     "to_kernel_layout",
-    "kernel_threads",
-    "numpy_view",
 ]
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _numba_mod = None  # actsparse.kernels.numba_cpu once imported, False if it cannot be
 
 
@@ -45,58 +43,18 @@ def _load_numba():
         except ImportError:  # numba (or llvmlite) missing
             _numba_mod = False
         else:
-            _launch_numba_threads()
+            start_thread_pool()
     return _numba_mod
-
-
-def _launch_numba_threads() -> None:
-    """Start numba's thread pool with a passive OpenMP wait policy.
-
-    Numba's OpenMP pool is a second libgomp next to torch's. With the default
-    policy the caller spins at the end of each parallel region; when another busy
-    process (or torch's spinning pool) holds the other core, the woken worker waits
-    a whole scheduler slice: measured here 15-18 ms per 2-thread call instead of
-    0.1 ms. Passive waiting lets the worker run on the caller's core. torch's own
-    libgomp read its environment when torch was imported (before this), so it is
-    not affected; the variable is set only while numba's pool starts, and only if
-    the user did not set ``OMP_WAIT_POLICY`` (or ``ACTSPARSE_NUMBA_SPIN=1``)."""
-    torch_threads = torch.get_num_threads()  # starting numba's pool can reset torch's count
-    spin = "OMP_WAIT_POLICY" in os.environ or os.environ.get("ACTSPARSE_NUMBA_SPIN") == "1"
-    if not spin:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        from numba.np.ufunc import parallel
-
-        parallel._launch_threads()
-    except Exception:  # noqa: BLE001 - private API; the pool then starts on first use
-        pass
-    finally:
-        if not spin:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
 
 
 def numba_enabled() -> bool:
     """True when calls may use the numba kernels (numba importable, not disabled)."""
-    if os.environ.get("ACTSPARSE_DISABLE_NUMBA", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    return bool(_load_numba())
+    return backend_enabled() and bool(_load_numba())
 
 
 def backend() -> str:
     """"numba" or "torch" (the reference), for reports."""
     return "numba" if numba_enabled() else "torch"
-
-
-def kernel_threads() -> int:
-    """Set numba's thread count to torch's (clamped to numba's pool); return it."""
-    import numba
-
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
 
 
 def to_kernel_layout(linear_weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -111,21 +69,13 @@ def to_kernel_layout(linear_weight: torch.Tensor, dtype: torch.dtype | None = No
 
 
 # ---------------------------------------------------------------------------
-def numpy_view(t: torch.Tensor) -> np.ndarray:
-    """Zero-copy numpy view; bf16 becomes uint16 (the same bits)."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
 def _use_kernel(name: str, x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if not numba_enabled():
         return False
     if x.device.type != "cpu" or any(w.device.type != "cpu" for w in weights):
         return False
     for t in (x, *weights):
-        if t.dtype not in _KERNEL_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             warnings.warn(
                 f"actsparse.kernels.{name}: dtype {t.dtype} is not supported by the numba "
                 "kernels (fp32, bf16); using the slow torch reference",

@@ -4,12 +4,9 @@ Kept at module level (not in a closure) so numba's on-disk cache works: importin
 module imports numba; the first call compiles once per machine, later processes load
 the cached machine code. Import it lazily (``fused._kernel()``).
 """
-import os
-
-os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "actsparse", "numba"))
-
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import actsparse.numba_backend  # noqa: F401  (cache directory set before numba loads)
+import numpy as np
+from numba import njit, prange
 
 CHUNK = 128
 

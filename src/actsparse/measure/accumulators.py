@@ -141,6 +141,28 @@ class SiteStats:
             return
         self._update_torch(values)
 
+    @torch.no_grad()
+    def update_light(self, values: torch.Tensor) -> None:
+        """Add rows ``(rows, width)`` to the fields a threshold needs only: the |v| histogram,
+        per-neuron counts, nonzeros and |v| sums (the other fields stay as they are).
+        Non-finite entries are counted, then ignored."""
+        v = values.detach().to(torch.float32)
+        bad = ~torch.isfinite(v)
+        n_bad = int(bad.sum())
+        absv = v.abs()
+        if n_bad:
+            self.nonfinite += n_bad
+            absv = absv.masked_fill(bad, 0.0)
+        self.rows += v.shape[0]
+        valid = v.shape[0] - (bad.sum(0) if n_bad else 0)
+        self.count += valid
+        self.nonzero += (absv != 0).sum(0)
+        self.abs_sum += absv.sum(0, dtype=torch.float64)
+        hist = torch.bincount(hist_bin_index(absv).reshape(-1), minlength=HIST_BINS)
+        if n_bad:
+            hist[0] -= n_bad
+        self.hist += hist
+
     def _update_torch(self, values: torch.Tensor) -> None:
         n_rows = values.shape[0]
         if n_rows == 0:

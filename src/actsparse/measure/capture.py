@@ -12,12 +12,15 @@ passed to the model's forward (picked up by a hook on the root module) or
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from actsparse.measure.accumulators import DEFAULT_EPS, SiteStats
+from actsparse.measure.hooks import SiteHooks, valid_tokens
 from actsparse.models.sitemaps import Site, SiteMap, generic_activation_modules, generic_sites, site_map
 
 SiteSpec = str | Site | Sequence[str | Site] | None
@@ -82,12 +85,7 @@ def resolve_sites(model: nn.Module, sites: SiteSpec = "default", smap: SiteMap |
             f"Roles: {known_roles}; groups: default, mlp, linear_inputs, act; "
             f"or a module path such as {next(iter(p for p in modules if p), 'layer')!r}[:input|:output]."
         )
-    seen, unique = set(), []
-    for s in out:
-        if s.name not in seen:
-            seen.add(s.name)
-            unique.append(s)
-    return unique
+    return _unique_sites(out)
 
 
 def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -104,23 +102,27 @@ def as_rows(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.movedim(1, -1).reshape(-1, t.shape[1]), False
 
 
-def attach_site_hooks(model: nn.Module, sites: list[Site], root_pre_hook, make_input_hook, make_output_hook) -> list:
-    """Register a root pre-hook (sees the forward's kwargs, e.g. ``attention_mask``) and one
-    hook per site; returns the handles. On any error, removes what it added and re-raises."""
-    handles = []
-    try:
-        handles.append(model.register_forward_pre_hook(root_pre_hook, with_kwargs=True))
-        for site in sites:
-            module = model.get_submodule(site.module_path)
-            if site.io == "input":
-                handles.append(module.register_forward_pre_hook(make_input_hook(site.name)))
-            else:
-                handles.append(module.register_forward_hook(make_output_hook(site.name)))
-    except BaseException:
-        for h in handles:
-            h.remove()
-        raise
-    return handles
+@dataclass(frozen=True)
+class Probe:
+    """One statistic read at one site, stored under ``key``.
+
+    ``stats``: ``"full"`` (every :class:`SiteStats` field, temporal ones for sequences),
+    ``"light"`` (the |v| histogram, counts and |v| sums: all a threshold needs, cheaper), or
+    ``"rows"`` (up to ``rows`` raw token rows, spread evenly over the run's ``total_tokens``).
+    ``scale``: light statistics of ``|v| * scale`` (one factor per channel) instead of ``|v|``.
+    """
+
+    key: str
+    site: Site
+    stats: str = "full"
+    scale: torch.Tensor | None = field(default=None, compare=False)
+    rows: int = 0
+
+    def __post_init__(self):
+        if self.stats not in ("full", "light", "rows"):
+            raise ValueError(f"probe stats must be 'full', 'light' or 'rows', got {self.stats!r}")
+        if self.stats == "rows" and self.rows < 1:
+            raise ValueError("a 'rows' probe needs rows >= 1")
 
 
 class capture:
@@ -128,98 +130,123 @@ class capture:
 
     Args:
         model: any ``nn.Module``; transformers models get role-based sites from their site map.
-        sites: roles, groups, module paths (see :func:`resolve_sites`).
+        sites: roles, groups, module paths (see :func:`resolve_sites`): full statistics at each.
+        probes: instead of ``sites``, explicit :class:`Probe` objects (calibration uses light
+            statistics, scaled scores and row samples; several probes may share a site).
         eps: thresholds for the ``|v| <= eps`` counts (threshold sparsity, dead neurons).
         temporal: also accumulate consecutive-token statistics (deltas, activation runs).
         flow_threshold: a neuron is "active" for activation flow when ``|v| > flow_threshold``.
+        total_tokens: the run's token count, which row-sampling probes spread their rows over.
     """
 
-    def __init__(self, model: nn.Module, sites: SiteSpec = "default", *, eps: Iterable[float] = DEFAULT_EPS,
-                 temporal: bool = True, flow_threshold: float = 0.0, smap: SiteMap | None = None):
+    def __init__(self, model: nn.Module, sites: SiteSpec = "default", *, probes: Sequence[Probe] | None = None,
+                 eps: Iterable[float] = DEFAULT_EPS, temporal: bool = True, flow_threshold: float = 0.0,
+                 smap: SiteMap | None = None, total_tokens: int | None = None):
         self.model = model
-        self.sites = resolve_sites(model, sites, smap)
-        if not self.sites:
+        if probes is None:
+            probes = [Probe(s.name, s) for s in resolve_sites(model, sites, smap)]
+        self.probes = list(probes)
+        if not self.probes:
             raise ValueError(f"no sites to capture in {type(model).__name__} for spec {sites!r}")
+        self.sites = _unique_sites(p.site for p in self.probes)
         self.eps = tuple(sorted(float(e) for e in eps))
         self.temporal = temporal
         self.flow_threshold = float(flow_threshold)
+        self.total_tokens = total_tokens
         self._stats: dict[str, SiteStats] = {}
-        self._handles: list = []
-        self._mask: torch.Tensor | None = None
-        self._explicit_mask = False
-        self.calls = 0
+        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._hooks = SiteHooks(model, [(p.site, self._reducer(p)) for p in self.probes])
+
+    @property
+    def calls(self) -> int:
+        return self._hooks.tracker.forwards
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "capture":
-        if self._handles:
-            raise RuntimeError("this capture session is already active")
-        self._handles = attach_site_hooks(self.model, self.sites, self._root_pre_hook,
-                                          self._make_input_hook, self._make_output_hook)
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    def _root_pre_hook(self, module, args, kwargs):
-        if self._explicit_mask:
-            return None
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) >= 2 and isinstance(args[1], torch.Tensor) and args[1].ndim == 2:
-            mask = args[1]
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        self.calls += 1
-        return None
+        self._hooks.remove()
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Use ``mask`` (batch, time; 1 = real token) for the next forwards instead of the
         ``attention_mask`` seen by the model. ``None`` goes back to automatic."""
-        self._mask = mask
-        self._explicit_mask = mask is not None
+        self._hooks.set_mask(mask)
 
-    def _make_input_hook(self, name: str):
-        def hook(module, args):
-            if args and isinstance(args[0], torch.Tensor):
-                self._reduce(name, args[0])
-        return hook
-
-    def _make_output_hook(self, name: str):
-        def hook(module, args, output):
-            t = output[0] if isinstance(output, tuple) else output
-            if isinstance(t, torch.Tensor):
-                self._reduce(name, t)
-        return hook
+    def _reducer(self, probe: Probe):
+        if probe.stats == "full":
+            return lambda t: self._reduce_full(probe.key, t)
+        if probe.stats == "light":
+            return lambda t: self._reduce_light(probe, t)
+        return lambda t: self._sample_rows(probe, t)
 
     @torch.no_grad()
-    def _reduce(self, name: str, t: torch.Tensor) -> None:
+    def _reduce_full(self, key: str, t: torch.Tensor) -> None:
         values, is_seq = as_rows(t.detach())
-        st = self._stats.get(name)
+        st = self._stats.get(key)
         if st is None:
-            st = self._stats[name] = SiteStats(values.shape[-1], self.eps)
+            st = self._stats[key] = SiteStats(values.shape[-1], self.eps)
         if is_seq:
-            valid = None
-            if self._mask is not None and tuple(self._mask.shape) == tuple(values.shape[:2]):
-                valid = self._mask.to(values.device).bool()
+            valid = self._hooks.tracker.valid_rows(values)
             if self.temporal:
                 st.update_sequence(values, valid, flow_threshold=self.flow_threshold)
             else:
-                st.update(values[valid] if valid is not None else values.reshape(-1, values.shape[-1]))
+                st.update(valid_tokens(values, valid))
         else:
             st.update(values)
 
+    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
+        v = t.detach()
+        return valid_tokens(v, self._hooks.tracker.valid_rows(v)).to(torch.float32)
+
+    @torch.no_grad()
+    def _reduce_light(self, probe: Probe, t: torch.Tensor) -> None:
+        v = self._tokens(t)
+        if probe.scale is not None:
+            v = v.abs() * probe.scale.to(v.device)
+        st = self._stats.get(probe.key)
+        if st is None:
+            st = self._stats[probe.key] = SiteStats(v.shape[-1], self.eps)
+        st.update_light(v.cpu())
+
+    @torch.no_grad()
+    def _sample_rows(self, probe: Probe, t: torch.Tensor) -> None:
+        v = self._tokens(t)
+        total = self.total_tokens or v.shape[0]
+        quota = math.ceil(v.shape[0] * min(1.0, probe.rows / max(total, 1)))
+        have = sum(x.shape[0] for x in self._rows.get(probe.key, []))
+        take = min(quota, probe.rows - have, v.shape[0])
+        if take > 0:
+            idx = torch.linspace(0, v.shape[0] - 1, take).round().long()
+            self._rows.setdefault(probe.key, []).append(v[idx].clone())
+
     # ---------------------------------------------------------------- results
-    def stats(self) -> dict[str, SiteStats]:
-        """Statistics per site name, in site order (sites never reached are omitted)."""
-        return {s.name: self._stats[s.name] for s in self.sites if s.name in self._stats}
+    def stats(self) -> dict:
+        """Results per probe key, in probe order (probes never reached are omitted):
+        :class:`SiteStats` for statistics probes, a (rows, width) fp32 tensor for row samples."""
+        out = {}
+        for p in self.probes:
+            if p.key in self._stats:
+                out[p.key] = self._stats[p.key]
+            elif p.key in self._rows:
+                out[p.key] = torch.cat(self._rows[p.key])
+        return out
 
     def site(self, name: str) -> Site:
         for s in self.sites:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def _unique_sites(sites) -> list[Site]:
+    seen, out = set(), []
+    for s in sites:
+        if s.name not in seen:
+            seen.add(s.name)
+            out.append(s)
+    return out
 
 
 @torch.no_grad()

@@ -8,20 +8,9 @@ torch path, which stays the fallback (``ACTSPARSE_DISABLE_NUMBA=1`` or numba mis
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-
-
-def numba_enabled() -> bool:
-    if os.environ.get("ACTSPARSE_DISABLE_NUMBA", "").strip() not in ("", "0"):
-        return False
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+from actsparse.numba_backend import numba_enabled
 
 
 def _kernel():

@@ -7,7 +7,6 @@ reads both back; nothing loaded executes code.
 """
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from actsparse import __version__
 from actsparse.errors import DataError
 from actsparse.io import read_json, write_json, write_safetensors
 from actsparse.measure import metrics
 from actsparse.measure.accumulators import DEFAULT_EPS, HIST_BINS, SiteStats, hist_lower_edges
 from actsparse.measure.capture import capture, run
 from actsparse.models.sitemaps import Site, site_map
+from actsparse.provenance import environment
 
 FORMAT = "actsparse.profile/1"
 
@@ -141,27 +140,6 @@ class Profile:
         return cls(doc["meta"], sites, stats, doc["summary"])
 
 
-def environment_info() -> dict:
-    import os
-
-    return {
-        "actsparse": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "processor": _cpu_model(), "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def profile(model: nn.Module, tokenizer=None, data="wiki", *, split: str = "calibration", tokens: int = 4096,
             window: int = 512, batch_size: int = 4, sites="default", eps=DEFAULT_EPS,
             flow_threshold: float = 0.1, progress: bool = True, model_name: str | None = None) -> Profile:
@@ -200,7 +178,7 @@ def profile(model: nn.Module, tokenizer=None, data="wiki", *, split: str = "cali
                  "windows": len(windows), "batch_size": batch_size},
         "eps": list(cap.eps), "flow_threshold": flow_threshold,
         "seconds": seconds, "tokens_per_s": seen / seconds if seconds else None,
-        "environment": environment_info(),
+        "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     nonfinite = sum(st.nonfinite for st in stats.values())

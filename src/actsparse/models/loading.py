@@ -22,17 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from actsparse.cache import cache_dir
 from actsparse.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ACTSPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "actsparse")
-    return Path(root)
 
 
 @dataclass(frozen=True)

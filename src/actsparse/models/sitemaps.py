@@ -25,20 +25,30 @@ _LLAMA_ROLES = {
     "mlp.act": "mlp.act_fn",
 }
 
+# Norm roles (block-relative; the first path that exists wins, none = the family has no such
+# norm, e.g. BERT's post-norm blocks): "norm.attn" feeds attention, "norm.mlp" feeds the MLP.
+# Model-level parts, relative to the module that holds the blocks: "final_norm", "rotary".
+_LLAMA_NORMS = {"norm.attn": ("input_layernorm",), "norm.mlp": ("post_attention_layernorm",)}
+
 FAMILIES: dict[str, dict] = {
-    "llama": {"model_types": ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3"), "roles": _LLAMA_ROLES, "gated": True},
-    "gemma": {"model_types": ("gemma", "gemma2", "gemma3", "gemma3_text"), "roles": _LLAMA_ROLES, "gated": True},
+    "llama": {"model_types": ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3"), "roles": _LLAMA_ROLES,
+              "gated": True, "norms": _LLAMA_NORMS, "model": {"final_norm": "norm", "rotary": "rotary_emb"}},
+    "gemma": {"model_types": ("gemma", "gemma2", "gemma3", "gemma3_text"), "roles": _LLAMA_ROLES, "gated": True,
+              "norms": {"norm.attn": ("input_layernorm",),
+                        "norm.mlp": ("pre_feedforward_layernorm", "post_attention_layernorm")},
+              "model": {"final_norm": "norm", "rotary": "rotary_emb"}},
     "gpt2": {
         "model_types": ("gpt2",),
         "roles": {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc",
                   "mlp.down": "mlp.c_proj", "mlp.act": "mlp.act"},
-        "gated": False,
+        "gated": False, "norms": {"norm.attn": ("ln_1",), "norm.mlp": ("ln_2",)}, "model": {"final_norm": "ln_f"},
     },
     "opt": {
         "model_types": ("opt",),
         "roles": {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
                   "attn.o": "self_attn.out_proj", "mlp.up": "fc1", "mlp.down": "fc2", "mlp.act": "activation_fn"},
-        "gated": False,
+        "gated": False, "norms": {"norm.attn": ("self_attn_layer_norm",), "norm.mlp": ("final_layer_norm",)},
+        "model": {"final_norm": "final_layer_norm"},
     },
     "bert": {
         "model_types": ("bert",),
@@ -54,6 +64,7 @@ FAMILIES: dict[str, dict] = {
 LINEAR_ROLES = ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 # Roles whose input is the same tensor: capture it once, under the first role's name.
+# (In an MLP without a gate, mlp.up reads the MLP input itself: see SiteMap.input_source.)
 SHARED_INPUT = {"attn.k": "attn.q", "attn.v": "attn.q", "mlp.up": "mlp.gate"}
 
 # What a role with no explicit io means.
@@ -89,9 +100,41 @@ class SiteMap:
     roles: dict[str, str]
     gated: bool
     unmapped: list[str] = field(default_factory=list)
+    norms: dict[str, str] = field(default_factory=dict)  # "norm.attn" / "norm.mlp" -> block-relative path
+    model_parts: dict[str, str] = field(default_factory=dict)  # "final_norm", "rotary" -> path
 
     def module_path(self, layer: int, role: str) -> str:
+        if role in self.norms:
+            return f"{self.blocks_path}.{layer}.{self.norms[role]}"
         return f"{self.blocks_path}.{layer}.{self.roles[role]}"
+
+    def part_path(self, part: str) -> str | None:
+        """Path of a model-level part ("final_norm", "rotary"), None if the family has none."""
+        return self.model_parts.get(part)
+
+    def input_source(self, role: str) -> str:
+        """The role under whose name the input of ``role`` is captured (k, v read q's input;
+        up reads gate's input in a gated MLP)."""
+        src = SHARED_INPUT.get(role, role)
+        return src if src in self.roles else role
+
+    def input_readers(self, role: str) -> tuple[str, ...]:
+        """The mapped linear roles that read the same input as ``role`` (in LINEAR_ROLES order)."""
+        src = self.input_source(role)
+        return tuple(r for r in LINEAR_ROLES if r in self.roles and self.input_source(r) == src)
+
+    def locate(self, path: str) -> tuple[int, str] | None:
+        """``(layer, role)`` of a module path inside a block, None if it plays no mapped role."""
+        prefix = f"{self.blocks_path}."
+        if self.blocks_path is None or not path.startswith(prefix):
+            return None
+        layer_s, _, rel = path[len(prefix):].partition(".")
+        if not layer_s.isdigit():
+            return None
+        for role, r in {**self.roles, **self.norms}.items():
+            if r == rel:
+                return int(layer_s), role
+        return None
 
     def role_sites(self, role_spec: str, model: nn.Module | None = None) -> list[Site]:
         """Expand a role like ``mlp.down:input`` or ``attn.q:input`` into one Site per layer."""
@@ -109,9 +152,7 @@ class SiteMap:
         io = io or DEFAULT_IO.get(role, "input")
         if io not in ("input", "output"):
             raise KeyError(f"site io must be 'input' or 'output', got {io!r} in {role_spec!r}")
-        canonical = SHARED_INPUT.get(role, role) if io == "input" else role
-        if canonical not in self.roles:
-            canonical = role
+        canonical = self.input_source(role) if io == "input" else role
         return [
             Site(self.module_path(i, canonical), io, role=f"{canonical}:{io}", layer=i)
             for i in range(self.num_layers)
@@ -164,7 +205,19 @@ def site_map(model: nn.Module, *, warn: bool = True) -> SiteMap:
         found = _find_blocks(model, spec["roles"])
         if found is not None:
             path, blocks = found
-            return SiteMap(family, path, len(blocks), dict(spec["roles"]), spec["gated"])
+            norms = {}
+            for role, options in spec.get("norms", {}).items():
+                rel = next((o for o in options if _has_submodule(blocks[0], o)), None)
+                if rel is not None:
+                    norms[role] = rel
+            base = path.rpartition(".")[0]
+            parts = {}
+            for part, rel in spec.get("model", {}).items():
+                full = f"{base}.{rel}" if base else rel
+                if _has_submodule(model, full):
+                    parts[part] = full
+            return SiteMap(family, path, len(blocks), dict(spec["roles"]), spec["gated"], norms=norms,
+                           model_parts=parts)
     generic = SiteMap("generic", None, 0, {}, False)
     acts = [p for p, _ in generic_activation_modules(model)]
     linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]

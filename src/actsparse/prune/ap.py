@@ -30,8 +30,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from actsparse.errors import ConfigError
-from actsparse.prune.nets import NORM_TYPES
-from actsparse.prune.hosts import (Host, Param, apply_masks, count_surviving, count_total, current_mask,
+from actsparse.prune.hosts import (NORM_TYPES, Host, Param, apply_masks, count_surviving, count_total, current_mask,
                                    effective_weight, ensure_pruned, resolve_count, resolve_parameters,
                                    select_lowest)
 

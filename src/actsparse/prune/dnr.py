@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from actsparse.prune.data import batches
 
 
 def relu_sites(model: nn.Module) -> list[str]:
@@ -38,8 +37,8 @@ def relu_dead_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     model.eval()
     try:
         with capture(model, sites=sites, temporal=False) as cap:
-            for xb, _ in batches(x, torch.zeros(len(x)), batch_size):
-                model(xb)
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size])
         stats = cap.stats()
     finally:
         model.train(was)

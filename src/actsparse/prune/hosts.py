@@ -40,7 +40,11 @@ from torch import nn
 from torch.nn.utils import prune
 
 from actsparse.errors import ConfigError
-from actsparse.prune.nets import NORM_TYPES, PRUNABLE_TYPES
+
+# modules whose ``weight`` is prunable; biases and normalisation parameters never are
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 Param = tuple[nn.Module, str]
 

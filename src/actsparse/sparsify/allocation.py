@@ -66,16 +66,17 @@ def check_model(smap) -> None:
             "Use allocation='uniform'")
 
 
-def row_requests(model, smap, config) -> list:
+def row_requests(target) -> list:
     """Token-row samples of the q, o and gate inputs of every block (aligned rows)."""
     from actsparse.sparsify.calibration import Request
 
-    check_model(smap)
+    check_model(target.smap)
+    rows = target.config.greedy_tokens
     out = []
-    for layer in range(smap.num_layers):
+    for layer in target.layers:
         for role in ("attn.q", "attn.o", "mlp.gate"):
-            path = smap.module_path(layer, role)
-            out.append(Request(row_key(path, config.greedy_tokens), path, "input", sample_rows=config.greedy_tokens))
+            path = target.path(layer, role)
+            out.append(Request(row_key(path, rows), path, "input", sample_rows=rows))
     return out
 
 
@@ -247,9 +248,10 @@ def _heads(model) -> int:
     return int(heads)
 
 
-def block_greedy(model, smap, config, stats, layer: int) -> BlockGreedy:
+def block_greedy(target, stats, layer: int) -> BlockGreedy:
     from actsparse.sparsify.teal import INPUT_KINDS, magnitude_threshold
 
+    model, smap, config = target.model, target.smap, target.config
     rows = {}
     for role in ("attn.q", "attn.o", "mlp.gate"):
         key = row_key(smap.module_path(layer, role), config.greedy_tokens)
@@ -275,40 +277,12 @@ def block_greedy(model, smap, config, stats, layer: int) -> BlockGreedy:
     return g
 
 
-def greedy_sparsities(model, smap, config, stats) -> dict[tuple[int, str], float]:
-    """``{(layer, kind): sparsity}`` from the block-wise greedy at ``config.sparsity``."""
-    check_model(smap)
+def greedy_sparsities(target, stats) -> dict[tuple[int, str], float]:
+    """``{(layer, kind): sparsity}`` from the block-wise greedy at the config's sparsity."""
+    check_model(target.smap)
     out = {}
-    for layer in range(smap.num_layers):
-        alloc = block_greedy(model, smap, config, stats, layer).allocation(config.sparsity)
+    for layer in target.layers:
+        alloc = block_greedy(target, stats, layer).allocation(target.config.sparsity)
         for k, s in alloc.items():
             out[(layer, k)] = min(max(s, 0.0), 0.99)
     return out
-
-
-# ---------------------------------------------------------------- handler
-def _requests(model, smap, config):
-    from actsparse.sparsify import api
-
-    reqs = api._teal_requests(model, smap, config)
-    if config.allocation == "greedy":
-        reqs = reqs + row_requests(model, smap, config)
-    return reqs
-
-
-def _assign(model, smap, config, stats):
-    from actsparse.sparsify import api
-
-    sparsities = greedy_sparsities(model, smap, config, stats) if config.allocation == "greedy" else None
-    return api._teal_assign(model, smap, config, stats, sparsities=sparsities)
-
-
-def install_handler() -> None:
-    """Make TEAL's registered handler allocation-aware (uniform or greedy). Idempotent; called
-    when a greedy TEAL config is made."""
-    from actsparse.sparsify import api
-    from actsparse.sparsify.teal import TEAL
-
-    h = api.HANDLERS.get(TEAL)
-    if h is None or h.assign is not _assign:
-        api.register_handler(TEAL, requests=_requests, assign=_assign)

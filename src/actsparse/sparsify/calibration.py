@@ -1,14 +1,14 @@
-"""Calibration statistics for the training-free methods: streaming histograms of |v| (or of
-a per-channel-scaled score ``|v_j| * c_j``) at chosen sites, plus bounded token samples
-where a method needs to re-evaluate an error (CETT).
+"""Calibration statistics for the training-free methods, gathered as a capture session.
 
-A :class:`Request` names one statistic; :func:`collect` runs the model over calibration
-windows and returns ``{key: SiteStats or Tensor}``. Requests with ``scale_from`` are filled
+A :class:`Request` names one statistic a method needs: the light |v| histogram of a site
+(thresholds are its quantiles), the histogram of a per-channel-scaled score ``|v_j| * c_j``,
+or a bounded sample of raw token rows (CETT and the greedy allocation re-evaluate errors on
+them). :func:`collect` turns requests into :class:`~actsparse.measure.capture.Probe` objects
+and runs one capture over the calibration windows; requests with ``scale_from`` are filled
 in a second pass, once the statistic they read (e.g. E|u_i| for CHESS) is known.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +16,8 @@ from torch import nn
 
 from actsparse.errors import DataError
 from actsparse.measure.accumulators import SiteStats
+from actsparse.measure.capture import Probe, capture, run
+from actsparse.models.sitemaps import Site
 
 # The histograms need this many tokens per site before a quantile means anything.
 MIN_CALIBRATION_TOKENS = 256
@@ -30,6 +32,12 @@ class Request:
     scale_from: str | None = None  # key of a SiteStats whose per-neuron E|v| is the scale (2nd pass)
     sample_rows: int = 0  # >0: keep up to this many raw rows (tokens) instead of a histogram
 
+    def probe(self, scale: torch.Tensor | None) -> Probe:
+        site = Site(self.module_path, self.io)
+        if self.sample_rows:
+            return Probe(self.key, site, "rows", rows=self.sample_rows)
+        return Probe(self.key, site, "light", scale=scale)
+
 
 def mean_abs(st: SiteStats) -> torch.Tensor:
     return (st.abs_sum / st.count.clamp_min(1)).to(torch.float32)
@@ -40,8 +48,6 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
             have: dict | None = None) -> dict:
     """Run ``model`` over ``windows`` (a :class:`~actsparse.data.text.Windows`) and fill every
     request not already in ``have``. Returns a new dict (``have`` merged with the results)."""
-    from actsparse.measure.capture import run
-
     out = dict(have or {})
     todo = [r for r in requests if r.key not in out]
     first = [r for r in todo if r.scale_from is None]
@@ -49,7 +55,7 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
     for phase in (first, second):
         if not phase:
             continue
-        resolved = []
+        probes = []
         for r in phase:
             scale = r.scale
             if r.scale_from is not None:
@@ -57,93 +63,12 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
                 if not isinstance(src, SiteStats):
                     raise KeyError(f"request {r.key} needs statistics {r.scale_from!r}")
                 scale = mean_abs(src)
-            resolved.append((r, scale))
-        n_batches = windows.num_batches(batch_size)
-        results = _run_phase(model, windows, resolved, batch_size, n_batches, progress, run)
-        out.update(results)
+            probes.append(r.probe(scale))
+        with capture(model, probes=probes, total_tokens=windows.tokens) as cap:
+            run(model, windows.batches(batch_size), progress=progress, desc="calibrate",
+                total=windows.num_batches(batch_size))
+        out.update(cap.stats())
     return out
-
-
-def _run_phase(model, windows, resolved, batch_size, n_batches, progress, run):
-    mask_box = [None]
-    total_tokens = windows.tokens
-    results: dict = {}
-    samples: dict[str, list] = {}
-    handles = []
-
-    def root_hook(module, args, kwargs):
-        m = kwargs.get("attention_mask")
-        mask_box[0] = m if isinstance(m, torch.Tensor) and m.ndim == 2 else None
-
-    def reduce(req: Request, scale, t: torch.Tensor):
-        v = t.detach()
-        if v.ndim == 3:
-            m = mask_box[0]
-            if m is not None and tuple(m.shape) == tuple(v.shape[:2]):
-                v = v[m.bool()]
-            else:
-                v = v.reshape(-1, v.shape[-1])
-        elif v.ndim != 2:
-            v = v.reshape(-1, v.shape[-1])
-        v = v.to(torch.float32)
-        if req.sample_rows:
-            quota = math.ceil(v.shape[0] * min(1.0, req.sample_rows / max(total_tokens, 1)))
-            have = sum(x.shape[0] for x in samples.get(req.key, []))
-            take = min(quota, req.sample_rows - have, v.shape[0])
-            if take > 0:
-                idx = torch.linspace(0, v.shape[0] - 1, take).round().long()
-                samples.setdefault(req.key, []).append(v[idx].clone())
-            return
-        if scale is not None:
-            v = v.abs() * scale.to(v.device)
-        st = results.get(req.key)
-        if st is None:
-            st = results[req.key] = SiteStats(v.shape[-1])
-        light_update(st, v.cpu())
-
-    def make_hook(req, scale):
-        if req.io == "input":
-            return lambda module, args: reduce(req, scale, args[0])
-        return lambda module, args, output: reduce(req, scale, output[0] if isinstance(output, tuple) else output)
-
-    try:
-        handles.append(model.register_forward_pre_hook(root_hook, with_kwargs=True))
-        for req, scale in resolved:
-            module = model.get_submodule(req.module_path)
-            hook = make_hook(req, scale)
-            if req.io == "input":
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                handles.append(module.register_forward_hook(hook))
-        run(model, windows.batches(batch_size), progress=progress, desc="calibrate", total=n_batches)
-    finally:
-        for h in handles:
-            h.remove()
-    for key, parts in samples.items():
-        results[key] = torch.cat(parts)
-    return results
-
-
-def light_update(st: SiteStats, v: torch.Tensor) -> None:
-    """Fold rows ``v`` (rows, width) into the fields a threshold needs: the |v| histogram,
-    per-neuron counts, nonzeros and |v| sums (the other SiteStats fields stay zero)."""
-    from actsparse.measure.accumulators import HIST_BINS, hist_bin_index
-
-    bad = ~torch.isfinite(v)
-    n_bad = int(bad.sum())
-    absv = v.abs()
-    if n_bad:
-        st.nonfinite += n_bad
-        absv = absv.masked_fill(bad, 0.0)
-    st.rows += v.shape[0]
-    valid = v.shape[0] - (bad.sum(0) if n_bad else 0)
-    st.count += valid
-    st.nonzero += (absv != 0).sum(0)
-    st.abs_sum += absv.sum(0, dtype=torch.float64)
-    hist = torch.bincount(hist_bin_index(absv).reshape(-1), minlength=HIST_BINS)
-    if n_bad:
-        hist[0] -= n_bad
-    st.hist += hist
 
 
 def check_enough(stats: dict, keys, minimum: int = MIN_CALIBRATION_TOKENS) -> None:

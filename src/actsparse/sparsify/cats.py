@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actsparse.config import SparsityConfig, register_config
 from actsparse.measure.accumulators import SiteStats
+from actsparse.sparsify.calibration import Request
+from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 
-@register_config
+@register_method
 @dataclass(frozen=True)
 class CATS(SparsityConfig):
     METHOD = "cats"
@@ -22,3 +23,22 @@ class CATS(SparsityConfig):
 
 def act_threshold(stats: SiteStats, sparsity: float) -> float:
     return 0.0 if sparsity <= 0 else stats.abs_quantile(sparsity)
+
+
+@register_handler(CATS)
+class _CATSHandler(Handler):
+    def requests(self, t):
+        t.require("mlp.act", "mlp.down")
+        return [Request(f"{p}:output", p, "output") for p in (t.path(i, "mlp.act") for i in t.layers)]
+
+    def assign(self, t, stats):
+        out = []
+        for layer in t.layers:
+            path = t.path(layer, "mlp.act")
+            s = t.sparsity(path)
+            if s is None:
+                continue
+            thr = act_threshold(stats[f"{path}:output"], s)
+            out.append(Assignment(path, "act", "mlp.act:output", threshold=thr, skips=t.act_skips(layer),
+                                  width=t.in_features(layer, "mlp.down"), target=s))
+        return out

@@ -14,17 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from actsparse.config import SparsityConfig, register_config
 from actsparse.errors import ConfigError
+from actsparse.sparsify.calibration import Request
+from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 
-@register_config
+@register_method
 @dataclass(frozen=True)
 class CETT(SparsityConfig):
     """``cett``: the target relative error of cutting the tail, shared by all layers (in [0, 1))."""
 
     METHOD = "cett"
     VERSION = 1
+    KNOB = "cett"
     cett: float = 0.2
     sample_tokens: int = 512
     overrides: tuple[tuple[str, float | None], ...] = ()
@@ -95,3 +97,23 @@ def neuron_thresholds(tau: float, weight: torch.Tensor) -> torch.Tensor:
     if tau <= 0:
         return torch.zeros_like(c, dtype=torch.float32)
     return torch.where(c > 0, tau / c.clamp_min(1e-300), torch.full_like(c, float("inf"))).to(torch.float32)
+
+
+@register_handler(CETT)
+class _CETTHandler(Handler):
+    def requests(self, t):
+        t.require("mlp.down")
+        return [Request(f"{p}:sample", p, "input", sample_rows=t.config.sample_tokens)
+                for p in (t.path(i, "mlp.down") for i in t.layers)]
+
+    def assign(self, t, stats):
+        out = []
+        for layer in t.layers:
+            path = t.path(layer, "mlp.down")
+            if t.sparsity(path, 0.0) is None:
+                continue
+            w = t.module(path).weight
+            tau, _reached = threshold_for_cett(stats[f"{path}:sample"], w, t.config.cett, dtype=torch.float32)
+            out.append(Assignment(path, "linear", "mlp.down:input", threshold=neuron_thresholds(tau, w),
+                                  skips=(path,), target=None))
+        return out

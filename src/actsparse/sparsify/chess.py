@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from actsparse.config import SparsityConfig, check_sparsity, register_config
 from actsparse.errors import ConfigError
+from actsparse.sparsify.calibration import Request, mean_abs
+from actsparse.sparsify.registry import (Assignment, Handler, SparsityConfig, check_sparsity, register_handler,
+                                         register_method, register_preset)
 
 ATTENTION_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o")
 
 
-@register_config
+@register_method
 @dataclass(frozen=True)
 class CHESS(SparsityConfig):
     """``selective``: also sparsify the inputs of the ``attention`` projections, at
@@ -49,3 +51,51 @@ def channel_thresholds(T: float, mean_abs_u: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(u, dtype=torch.float32)
     t = torch.where(u > 0, T / u.clamp_min(1e-300), torch.full_like(u, float("inf")))
     return t.to(torch.float32)
+
+
+register_preset("chess-selective", CHESS, selective=True)
+
+
+@register_handler(CHESS)
+class _CHESSHandler(Handler):
+    def requests(self, t):
+        t.require("mlp.act", "mlp.up", "mlp.down", gated=True)
+        reqs = []
+        for layer in t.layers:
+            up = t.path(layer, "mlp.up")
+            act = t.path(layer, "mlp.act")
+            reqs.append(Request(f"{up}:output", up, "output"))
+            reqs.append(Request(f"{act}:chess", act, "output", scale_from=f"{up}:output"))
+            if t.config.selective:
+                for role in t.config.attention:
+                    if t.has(role):
+                        src = t.path(layer, t.input_source(role))
+                        reqs.append(Request(f"{src}:input", src, "input"))
+        return reqs
+
+    def assign(self, t, stats):
+        cfg = t.config
+        out = []
+        for layer in t.layers:
+            act = t.path(layer, "mlp.act")
+            up = t.path(layer, "mlp.up")
+            s = t.sparsity(act)
+            if s is not None:
+                T = 0.0 if s <= 0 else stats[f"{act}:chess"].abs_quantile(s)
+                thr = channel_thresholds(T, mean_abs(stats[f"{up}:output"]))
+                out.append(Assignment(act, "act", "mlp.act:output", threshold=thr, skips=t.act_skips(layer),
+                                      width=t.in_features(layer, "mlp.down"), target=s))
+            if cfg.selective:
+                base = cfg.attention_sparsity if cfg.attention_sparsity is not None else cfg.sparsity
+                for role in cfg.attention:
+                    if not t.has(role):
+                        continue
+                    path = t.path(layer, role)
+                    src_role = t.input_source(role)
+                    sa = t.sparsity(path, base)
+                    if sa is None:
+                        continue
+                    ta = 0.0 if sa <= 0 else stats[f"{t.path(layer, src_role)}:input"].abs_quantile(sa)
+                    out.append(Assignment(path, "linear", f"{src_role}:input", threshold=ta, skips=(path,),
+                                          target=sa))
+        return out

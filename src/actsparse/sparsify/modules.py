@@ -16,7 +16,8 @@ all see the same number.
 
 Every module counts the sparsity it actually reaches (masked entries / entries) while
 ``counting`` is on, excluding padding tokens when the model was called with an
-``attention_mask`` of the input's (batch, time) shape. Find them with
+``attention_mask`` of the input's (batch, time) shape (a :class:`MaskTracker` on the
+root module, shared by all sparse modules of a model). Find them with
 :func:`iter_sparse_modules`.
 """
 from __future__ import annotations
@@ -30,17 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from actsparse.errors import ConfigError
+from actsparse.measure.hooks import MaskTracker
 
 MODES = ("threshold", "topk")
-
-
-class TokenMask:
-    """Holds the attention mask of the current forward (set by a root pre-hook)."""
-
-    __slots__ = ("mask",)
-
-    def __init__(self):
-        self.mask: torch.Tensor | None = None
 
 
 def fp32_scalar(t) -> float:
@@ -108,7 +101,7 @@ class SparseModule(nn.Module):
         self.counting = True
         self.zeros = 0
         self.entries = 0
-        self._token_mask: TokenMask | None = None
+        self._token_mask: MaskTracker | None = None  # set by install: the root forward's attention mask
 
     @property
     def per_channel(self) -> bool:

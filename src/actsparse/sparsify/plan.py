@@ -24,9 +24,9 @@ _MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips"
 
 def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -> Path:
     """Write the plan of a sparsified ``model`` to directory ``path``."""
-    from actsparse import __version__
-    from actsparse.io import write_json, write_safetensors
+    from actsparse.io import write_safetensors, write_text
     from actsparse.sparsify.api import sparsity_state
+    from actsparse.version import __version__
 
     state = sparsity_state(model)
     directory = Path(path)
@@ -46,8 +46,6 @@ def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -
     }
     write_safetensors(directory / "plan.safetensors", tensors, metadata={"format": FORMAT})
     # json.dumps writes floats with repr(): they read back bit-exactly
-    from actsparse.io import write_text
-
     write_text(directory / "plan.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return directory
 
@@ -56,8 +54,7 @@ def read_plan(path: str | Path):
     """Read and validate a plan: ``(config, identity, assignments, doc)``."""
     from safetensors.torch import load_file
 
-    from actsparse.config import config_from_dict
-    from actsparse.sparsify.api import Assignment
+    from actsparse.sparsify.registry import Assignment, config_from_dict
 
     directory = Path(path)
     jf, tf = directory / "plan.json", directory / "plan.safetensors"

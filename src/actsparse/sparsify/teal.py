@@ -1,7 +1,8 @@
 """TEAL: magnitude thresholds on the input of every linear in each block.
 
 Keep ``v`` iff ``|v| > t``; per layer and per input kind, ``t`` is the s-quantile of ``|v|``
-on calibration data. q/k/v share one input (one threshold), gate/up share one input.
+on calibration data. q/k/v share one input (one threshold), gate/up share one input (in an
+MLP without a gate, the up projection reads the MLP input under the ``mlp.gate`` kind).
 ``allocation="uniform"``: the same s for every kind of every block. ``allocation="greedy"``:
 the paper's block-wise greedy allocation (see :mod:`actsparse.sparsify.allocation`): per
 block, the kinds' sparsities are raised one ``greedy_step`` at a time, always the kind whose
@@ -12,21 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actsparse.config import SparsityConfig, register_config
 from actsparse.errors import ConfigError
 from actsparse.measure.accumulators import SiteStats
+from actsparse.models.sitemaps import SHARED_INPUT
+from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS, Request
+from actsparse.sparsify.registry import (Assignment, Handler, SparsityConfig, register_handler, register_method,
+                                         register_preset)
 
-# input kinds: the role whose input is masked, and the linears that read it
-INPUT_KINDS = {
-    "attn.q": ("attn.q", "attn.k", "attn.v"),
-    "attn.o": ("attn.o",),
-    "mlp.gate": ("mlp.gate", "mlp.up"),
-    "mlp.down": ("mlp.down",),
-}
+KINDS = ("attn.q", "attn.o", "mlp.gate", "mlp.down")
+# input kind -> the linears that read that input (the kind's role first)
+INPUT_KINDS = {k: (k,) + tuple(r for r, src in SHARED_INPUT.items() if src == k) for k in KINDS}
 ALLOCATIONS = ("uniform", "greedy")
 
 
-@register_config
+@register_method
 @dataclass(frozen=True)
 class TEAL(SparsityConfig):
     """``sparsity``: target fraction of zeroed inputs; ``kinds``: which input kinds to sparsify;
@@ -38,7 +38,7 @@ class TEAL(SparsityConfig):
     METHOD = "teal"
     VERSION = 1
     sparsity: float = 0.5
-    kinds: tuple[str, ...] = ("attn.q", "attn.o", "mlp.gate", "mlp.down")
+    kinds: tuple[str, ...] = KINDS
     allocation: str = "uniform"
     greedy_step: float = 0.05
     greedy_tokens: int = 512
@@ -56,15 +56,12 @@ class TEAL(SparsityConfig):
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 0.5:
             raise ConfigError(f"greedy_step must be in (0, 0.5], got {step!r}")
         object.__setattr__(self, "greedy_step", float(step))
-        from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS
-
         if isinstance(self.greedy_tokens, bool) or not isinstance(self.greedy_tokens, int) \
                 or self.greedy_tokens < MIN_CALIBRATION_TOKENS:
             raise ConfigError(f"greedy_tokens must be an integer >= {MIN_CALIBRATION_TOKENS}, got {self.greedy_tokens!r}")
-        if self.allocation == "greedy":
-            from actsparse.sparsify.allocation import install_handler
 
-            install_handler()  # TEAL's handler learns the greedy allocation
+
+register_preset("teal-greedy", TEAL, allocation="greedy")
 
 
 def magnitude_threshold(stats: SiteStats, sparsity: float) -> float:
@@ -72,3 +69,48 @@ def magnitude_threshold(stats: SiteStats, sparsity: float) -> float:
     if sparsity <= 0:
         return 0.0
     return stats.abs_quantile(sparsity)
+
+
+def input_key(target, layer: int, kind: str) -> str:
+    """Stats key of the input of ``kind`` in ``layer`` (captured under its source role)."""
+    return f"{target.path(layer, target.input_source(kind))}:input"
+
+
+@register_handler(TEAL)
+class _TEALHandler(Handler):
+    def requests(self, t):
+        t.require()
+        reqs = []
+        for layer in t.layers:
+            for kind in t.config.kinds:
+                if t.input_source(kind) is None:
+                    continue
+                path = t.path(layer, t.input_source(kind))
+                reqs.append(Request(f"{path}:input", path, "input"))
+        if t.config.allocation == "greedy":
+            from actsparse.sparsify.allocation import row_requests
+
+            reqs += row_requests(t)
+        return reqs
+
+    def assign(self, t, stats):
+        per_kind = None
+        if t.config.allocation == "greedy":
+            from actsparse.sparsify.allocation import greedy_sparsities
+
+            per_kind = greedy_sparsities(t, stats)
+        out = []
+        for layer in t.layers:
+            for kind in t.config.kinds:
+                src = t.input_source(kind)
+                if src is None:
+                    continue
+                base = per_kind.get((layer, kind), t.config.sparsity) if per_kind else t.config.sparsity
+                for role in t.readers(kind):
+                    path = t.path(layer, role)
+                    s = t.sparsity(path, base)
+                    if s is None:
+                        continue
+                    thr = magnitude_threshold(stats[input_key(t, layer, kind)], s)
+                    out.append(Assignment(path, "linear", f"{src}:input", threshold=thr, skips=(path,), target=s))
+        return out

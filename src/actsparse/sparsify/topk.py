@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actsparse.config import SparsityConfig, register_config
 from actsparse.errors import ConfigError
+from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 SITES = ("mlp.act", "mlp.down:input")
 
 
-@register_config
+@register_method
 @dataclass(frozen=True)
 class TopK(SparsityConfig):
     METHOD = "topk"
@@ -31,3 +31,30 @@ class TopK(SparsityConfig):
 
 def keep_count(width: int, sparsity: float) -> int:
     return width - int(round(sparsity * width))
+
+
+@register_handler(TopK)
+class _TopKHandler(Handler):
+    def requests(self, t):
+        t.require("mlp.act", "mlp.down")
+        return []
+
+    def assign(self, t, stats):
+        out = []
+        for layer in t.layers:
+            width = t.in_features(layer, "mlp.down")
+            if t.config.site == "mlp.act":
+                path = t.path(layer, "mlp.act")
+                s = t.sparsity(path)
+                if s is None:
+                    continue
+                out.append(Assignment(path, "act", "mlp.act:output", mode="topk", k=keep_count(width, s),
+                                      skips=t.act_skips(layer), width=width, target=s))
+            else:
+                path = t.path(layer, "mlp.down")
+                s = t.sparsity(path)
+                if s is None:
+                    continue
+                out.append(Assignment(path, "linear", "mlp.down:input", mode="topk", k=keep_count(width, s),
+                                      skips=(path,), target=s))
+        return out

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from actsparse.config import SparsityConfig, register_config
 from actsparse.errors import ConfigError
+from actsparse.sparsify.calibration import Request
+from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
-@register_config
+@register_method
 @dataclass(frozen=True)
 class WINA(SparsityConfig):
     METHOD = "wina"
@@ -44,3 +45,31 @@ def score_thresholds(T: float, norms: torch.Tensor) -> torch.Tensor:
     if T <= 0:
         return torch.zeros_like(n, dtype=torch.float32)
     return torch.where(n > 0, T / n.clamp_min(1e-300), torch.full_like(n, float("inf"))).to(torch.float32)
+
+
+@register_handler(WINA)
+class _WINAHandler(Handler):
+    def requests(self, t):
+        t.require()
+        reqs = []
+        for layer in t.layers:
+            for role in t.config.kinds:
+                if t.has(role):
+                    path = t.path(layer, role)
+                    reqs.append(Request(f"{path}:wina", path, "input", scale=column_norms(t.module(path).weight)))
+        return reqs
+
+    def assign(self, t, stats):
+        out = []
+        for layer in t.layers:
+            for role in t.config.kinds:
+                if not t.has(role):
+                    continue
+                path = t.path(layer, role)
+                s = t.sparsity(path)
+                if s is None:
+                    continue
+                T = 0.0 if s <= 0 else stats[f"{path}:wina"].abs_quantile(s)
+                thr = score_thresholds(T, column_norms(t.module(path).weight))
+                out.append(Assignment(path, "linear", f"{role}:input", threshold=thr, skips=(path,), target=s))
+        return out

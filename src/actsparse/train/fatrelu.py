@@ -49,7 +49,8 @@ def fatrelu_(model: nn.Module, threshold: float = 0.01):
     :func:`actsparse.train.relufy.relufy_`): FATReLU replaces whatever activation was
     there. Returns the list of :class:`~actsparse.train.relufy.Change`.
     """
-    from actsparse.train.relufy import Change, activation_paths, _set_module
+    from actsparse.models.swap import swap_module
+    from actsparse.train.relufy import OWNER, Change, activation_paths
 
     t = check_threshold(threshold)
     changes = []
@@ -60,6 +61,6 @@ def fatrelu_(model: nn.Module, threshold: float = 0.01):
                 changes.append(Change(path, repr(old), f"FATReLU(threshold={t})"))
                 old.threshold = t
             continue
-        _set_module(model, path, FATReLU(t))
+        swap_module(model, path, FATReLU(t), owner=OWNER)
         changes.append(Change(path, type(old).__name__, f"FATReLU(threshold={t})"))
     return changes

@@ -19,7 +19,6 @@ purpose. Properties:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -28,11 +27,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
+from actsparse.config import VersionedConfig
 from actsparse.errors import ConfigError
 from actsparse.io import read_json, write_json, write_safetensors
 from actsparse.train.losses import ActivationL1
@@ -44,8 +44,10 @@ RESUME_FREE = ("checkpoint_every", "eval_split", "eval_tokens", "eval_batch_size
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(VersionedConfig):
     """Everything that determines a fine-tuning run (strict JSON round trip)."""
+
+    KIND: ClassVar[str] = "finetune"
 
     model: str = "smollm2-135m"
     relufy: bool = True
@@ -96,17 +98,6 @@ class FinetuneConfig:
             check_threshold(self.fatrelu)
             if not self.relufy:
                 raise ConfigError("fatrelu needs relufy (FATReLU replaces the MLP activation)")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown key(s) for FinetuneConfig: {', '.join(unknown)}")
-        return cls(**d)
 
     def build_schedule(self) -> Schedule:
         if self.schedule == "none":
@@ -239,7 +230,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    return {k: v for k, v in cfg.items() if k not in RESUME_FREE + ("kind", "version")}
 
 
 # ------------------------------------------------------------------------ loop
@@ -330,83 +321,3 @@ def _forward_params(model: nn.Module) -> set[str]:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return set()
-
-
-# ------------------------------------------------------------------------ eval
-@torch.no_grad()
-def simple_perplexity(model: nn.Module, windows, batch_size: int = 4) -> dict:
-    """Non-overlapping-window perplexity: every real token after the first of a window
-    is scored once."""
-    import torch.nn.functional as F
-
-    extra = {"use_cache": False} if "use_cache" in _forward_params(model) else {}
-    nll, count = 0.0, 0
-    for batch in windows.batches(batch_size):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, :-1].float()
-        valid = (mask[:, 1:] * mask[:, :-1]).bool()
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        nll += float(losses.reshape(valid.shape)[valid].double().sum())
-        count += int(valid.sum())
-    return {"ppl": math.exp(nll / count) if count else math.nan, "nll": nll / count if count else math.nan,
-            "tokens": count, "windows": len(windows), "window": int(windows.input_ids.shape[1]),
-            "protocol": "non-overlapping windows (actsparse.train.loop.simple_perplexity)"}
-
-
-def evaluate(model: nn.Module, windows, sites: str = "mlp.down:input", batch_size: int = 4) -> dict:
-    """Held-out perplexity (``actsparse.eval.perplexity`` when available) plus the
-    exact-zero sparsity of ``sites`` over the real tokens of the same windows."""
-    model.eval()
-    with ActivationL1(model, sites) as l1:
-        try:
-            from actsparse.eval.perplexity import perplexity
-
-            res = perplexity(model, windows, batch_size=batch_size).to_dict()
-            res["protocol"] = "non-overlapping windows (actsparse.eval.perplexity)"
-        except ImportError:
-            res = simple_perplexity(model, windows, batch_size)
-        res["sparsity"] = l1.total_sparsity
-    return res
-
-
-# --------------------------------------------------------------------- command
-def finetune(config: FinetuneConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
-             evaluate_at_end: bool = True, save_model: bool = True, dtype: str = "float32") -> dict:
-    """Load ``config.model``, relufy it, train with :func:`train_loop`, evaluate held-out
-    perplexity and sparsity (before and after FATReLU when ``config.fatrelu`` is set),
-    save the final model to ``out/model`` and a summary to ``out/summary.json``."""
-    from actsparse.data.text import text, token_windows
-    from actsparse.models.loading import load
-    from actsparse.train.fatrelu import fatrelu_
-    from actsparse.train.relufy import relufy_
-
-    out = Path(out)
-    model, tok = load(config.model, dtype=dtype)
-    changes = relufy_(model, after_norms=config.after_norms) if config.relufy else []
-    windows = token_windows(tok, text(config.data, config.split), window=config.window, max_tokens=config.max_tokens)
-    t0 = time.perf_counter()
-    last = train_loop(model, windows, config, out, resume=resume, progress=progress)
-    summary = {"config": config.to_dict(), "schedule": config.build_schedule().to_dict(),
-               "train_windows": len(windows), "train_tokens": windows.tokens,
-               "changes": [c._asdict() for c in changes], "last": last,
-               "seconds_this_run": round(time.perf_counter() - t0, 2)}
-    if evaluate_at_end and config.eval_tokens > 0:
-        ev = token_windows(tok, text(config.data, config.eval_split), window=config.window,
-                           max_tokens=config.eval_tokens)
-        summary["eval"] = {"relu": evaluate(model, ev, config.sites, config.eval_batch_size)}
-        if config.fatrelu is not None:
-            summary["changes"] += [c._asdict() for c in fatrelu_(model, config.fatrelu)]
-            summary["eval"]["fatrelu"] = evaluate(model, ev, config.sites, config.eval_batch_size)
-    elif config.fatrelu is not None:
-        summary["changes"] += [c._asdict() for c in fatrelu_(model, config.fatrelu)]
-    if save_model and hasattr(model, "save_pretrained"):
-        target = out / "model"
-        model.save_pretrained(target, safe_serialization=True)
-        tok.save_pretrained(target)
-        write_json(target / "actsparse-train.json", {
-            "relufy": config.relufy, "after_norms": config.after_norms, "fatrelu": config.fatrelu,
-            "note": "the MLP activation is ReLU in config.json; re-apply relufy_(model, after_norms=True) and "
-                    "fatrelu_(model, t) after loading when those were used"})
-        summary["model_dir"] = str(target)
-    write_json(out / "summary.json", summary)
-    return summary

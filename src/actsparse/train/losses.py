@@ -18,15 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from actsparse.measure.capture import SiteSpec, attach_site_hooks, resolve_sites
+from actsparse.measure.capture import SiteSpec, resolve_sites
+from actsparse.measure.hooks import SiteHooks, valid_tokens
 
 
 def rows_and_mask(t: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``t`` as (tokens, width) with only the valid tokens when ``t`` is (batch, time, width)
     and ``mask`` is (batch, time); 2-D tensors pass through; >3-D keep the last dim."""
-    if t.ndim == 3 and mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
-        return t[mask.to(t.device).bool()], mask
-    return t.reshape(-1, t.shape[-1]) if t.ndim != 2 else t, None
+    fits = t.ndim == 3 and mask is not None and tuple(mask.shape) == tuple(t.shape[:2])
+    return valid_tokens(t, mask.to(t.device).bool() if fits else None), (mask if fits else None)
 
 
 def l1_per_token(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,7 +38,8 @@ def l1_per_token(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 
 
 class GraphHooks:
-    """Base context manager: owned forward hooks that keep the graph of site tensors.
+    """Base context manager: owned forward hooks (the shared hook layer,
+    :class:`~actsparse.measure.hooks.SiteHooks`) that keep the graph of site tensors.
 
     Subclasses implement :meth:`_on_tensor` (called with the site name and tensor) and
     :meth:`_reset` (called at the start of every forward of the root module).
@@ -51,16 +52,23 @@ class GraphHooks:
         self.sites = resolve_sites(model, sites)
         if not self.sites:
             raise ValueError(f"no sites in {type(model).__name__} for spec {sites!r}")
-        self._handles: list = []
-        self.mask: torch.Tensor | None = None
-        self._explicit_mask = False
-        self.forwards = 0
+        self._hooks = SiteHooks(model, [(s, self._callback(s.name)) for s in self.sites], on_forward=self._reset)
+
+    def _callback(self, name: str):
+        return lambda t: self._on_tensor(name, t)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._hooks.mask
+
+    @property
+    def forwards(self) -> int:
+        return self._hooks.tracker.forwards
 
     def __enter__(self):
-        if self._handles:
+        if self._hooks.active:
             raise RuntimeError(f"this {type(self).__name__} session is already active")
-        self._handles = attach_site_hooks(self.model, self.sites, self._root_pre_hook,
-                                          self._make_input_hook, self._make_output_hook)
+        self._hooks.__enter__()
         self._reset()
         return self
 
@@ -68,36 +76,11 @@ class GraphHooks:
         self.remove()
 
     def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Use ``mask`` (batch, time; 1 = real token) instead of the forward's attention_mask."""
-        self.mask = mask
-        self._explicit_mask = mask is not None
-
-    def _root_pre_hook(self, module, args, kwargs):
-        if not self._explicit_mask:
-            mask = kwargs.get("attention_mask")
-            if mask is None and len(args) >= 2 and isinstance(args[1], torch.Tensor) and args[1].ndim == 2:
-                mask = args[1]
-            self.mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-        self.forwards += 1
-        self._reset()
-        return None
-
-    def _make_input_hook(self, name: str):
-        def hook(module, args):
-            if args and isinstance(args[0], torch.Tensor):
-                self._on_tensor(name, args[0])
-        return hook
-
-    def _make_output_hook(self, name: str):
-        def hook(module, args, output):
-            t = output[0] if isinstance(output, tuple) else output
-            if isinstance(t, torch.Tensor):
-                self._on_tensor(name, t)
-        return hook
+        self._hooks.set_mask(mask)
 
     def _reset(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -33,14 +33,9 @@ import torch
 from torch import nn
 
 from actsparse.errors import ConfigError
+from actsparse.models.swap import swap_class, swap_module
 
-# per site-map family: (norm feeding attention, norm feeding the MLP), relative to a block
-NORMS = {
-    "llama": ("input_layernorm", "post_attention_layernorm"),
-    "gemma": ("input_layernorm", "post_attention_layernorm"),
-    "gpt2": ("ln_1", "ln_2"),
-    "opt": ("self_attn_layer_norm", "final_layer_norm"),
-}
+OWNER = "relufy"  # the module-swap ledger's name for these changes (undo: swap.unwind(model, OWNER))
 CONFIG_ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
 
 
@@ -69,12 +64,6 @@ def _with_relu(cls: type) -> type:
     return _NORM_CLASSES[cls]
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
-
-
 def activation_paths(model: nn.Module) -> list[str]:
     """Module paths of the MLP activations (site-map role ``mlp.act``, or the generic
     activation modules of an unmapped model)."""
@@ -87,23 +76,17 @@ def activation_paths(model: nn.Module) -> list[str]:
 
 
 def norm_paths(model: nn.Module) -> list[str]:
-    """Module paths of the norms feeding attention and the MLP (see the module docstring)."""
+    """Module paths of the norms feeding attention and the MLP (the site map's ``norm.attn``
+    and ``norm.mlp`` roles)."""
     from actsparse.models.sitemaps import site_map
 
     smap = site_map(model, warn=False)
-    if smap.family not in NORMS:
+    if smap.family == "generic" or not {"norm.attn", "norm.mlp"} <= set(smap.norms):
         raise ConfigError(
-            f"relufy_(after_norms=True) knows the pre-norm families {', '.join(NORMS)}; this model is "
-            f"{smap.family!r} (post-norm or unmapped). Use after_norms=False."
+            f"relufy_(after_norms=True) needs a pre-norm block (norms in front of attention and the MLP); this model's "
+            f"site map ({smap.family!r}) has none (post-norm like BERT, or unmapped). Use after_norms=False."
         )
-    out = []
-    for i in range(smap.num_layers):
-        block = model.get_submodule(f"{smap.blocks_path}.{i}")
-        names = list(NORMS[smap.family])
-        if hasattr(block, "pre_feedforward_layernorm"):  # Gemma 2/3 sandwich norms
-            names[1] = "pre_feedforward_layernorm"
-        out += [f"{smap.blocks_path}.{i}.{n}" for n in names]
-    return out
+    return [smap.module_path(i, r) for i in range(smap.num_layers) for r in ("norm.attn", "norm.mlp")]
 
 
 def _is_relu(module: nn.Module) -> bool:
@@ -127,7 +110,7 @@ def relufy_(model: nn.Module, *, after_norms: bool = False) -> list[Change]:
         old = model.get_submodule(path)
         if _is_relu(old):
             continue
-        _set_module(model, path, nn.ReLU())
+        swap_module(model, path, nn.ReLU(), owner=OWNER)
         changes.append(Change(path, type(old).__name__, "ReLU"))
     if site_map(model, warn=False).family != "generic":
         config = getattr(model, "config", None)
@@ -141,6 +124,6 @@ def relufy_(model: nn.Module, *, after_norms: bool = False) -> list[Change]:
             if isinstance(norm, ReLUAfterNorm):
                 continue
             before = type(norm).__name__
-            norm.__class__ = _with_relu(type(norm))
+            swap_class(model, path, _with_relu(type(norm)), owner=OWNER)
             changes.append(Change(path, before, type(norm).__name__))
     return changes

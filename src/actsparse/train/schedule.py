@@ -16,11 +16,11 @@ the ReLU-balance regulariser, which decays to 0 over the warm-up) complete the s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from actsparse.config import VersionedConfig
 from actsparse.errors import ConfigError
 
 SCHEDULES: dict[str, type] = {}
@@ -49,38 +49,12 @@ def _integer(value, name: str) -> int:
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Base: frozen, versioned, strict ``to_dict`` / ``from_dict``; call with a step."""
-
-    KIND: ClassVar[str] = ""
-    VERSION: ClassVar[int] = 1
+class Schedule(VersionedConfig):
+    """Base: frozen, versioned, strict ``to_dict`` / ``from_dict`` (the one config base of
+    :mod:`actsparse.config`); call with a step."""
 
     def __call__(self, step: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def to_dict(self) -> dict:
-        out = {"kind": self.KIND, "version": self.VERSION}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Schedule":
-        if not isinstance(d, dict):
-            raise ConfigError(f"a schedule must be a JSON object, got {type(d).__name__}")
-        d = dict(d)
-        kind = d.pop("kind", cls.KIND)
-        if kind != cls.KIND:
-            raise ConfigError(f"schedule kind {kind!r} given to {cls.__name__} (kind {cls.KIND!r})")
-        version = d.pop("version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"{cls.__name__} version {version!r} is not supported (this is version {cls.VERSION})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown key(s) for {cls.__name__}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        return cls(**d)
 
 
 @_register

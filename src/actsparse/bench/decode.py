@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from actsparse.bench.timing import GenerateClock, interleaved, spread
 from actsparse.errors import ConfigError
+from actsparse.provenance import git_hash, machine_info
 
 SYNTHETIC = {
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -84,8 +86,6 @@ def prompt_ids(tok, model, n: int) -> torch.Tensor:
 
 
 def _hf_run(model, ids, n_new: int) -> float:
-    from actsparse.decode.hf_timing import GenerateClock
-
     clock = GenerateClock()
     with torch.no_grad():
         model.generate(ids[None], max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, streamer=clock,
@@ -99,30 +99,21 @@ def _fast_run(dec, ids, n_new: int) -> float:
 
 def weight_bytes(model) -> dict:
     """Bytes per decoded token by part: block linears per role, and the lm_head."""
-    from actsparse.decode.fast import _ROLE_PATHS, ROLE_NAMES
+    from actsparse.decode.plan import DecodePlan
 
-    layers = model.get_submodule("model").layers
-    per_role = {}
-    for name, rel in zip(ROLE_NAMES, _ROLE_PATHS):
-        per_role[name] = sum(l.get_submodule(rel).weight.numel() * l.get_submodule(rel).weight.element_size()
-                             for l in layers)
-    head = model.get_output_embeddings().weight
-    return {"roles": per_role, "lm_head": head.numel() * head.element_size()}
+    return DecodePlan.from_model(model, dense=True).weight_bytes()
 
 
 def bytes_per_token(wb: dict, skipped: dict | None) -> float:
-    from actsparse.decode.fast import ROLE_NAMES
-
     total = wb["lm_head"] + sum(wb["roles"].values())
     if skipped:
-        total -= sum(wb["roles"][r] * max(0.0, skipped.get(r, 0.0)) for r in ROLE_NAMES)
+        total -= sum(wb["roles"][r] * max(0.0, skipped.get(r, 0.0)) for r in wb["roles"])
     return float(total)
 
 
 def _summary(xs: list[float]) -> dict:
-    a = np.asarray(xs, float)
-    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90)),
-            "runs": [float(x) for x in a]}
+    sp = spread(xs)
+    return {"median": sp["median"], "p10": sp["p10"], "p90": sp["p90"], "runs": [float(x) for x in xs]}
 
 
 def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: int, prompt_tokens: int,
@@ -144,7 +135,6 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     decoders = {"fast-dense": fast_dense, "fast-sparse": fast_sparse}
     for d in decoders.values():  # compile / warm up
         d.generate(ids, 4)
-    runs = {e: [] for e in engines}
     state = {"hf": None}
 
     def hf_mode(mode):
@@ -160,17 +150,13 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         state["hf"] = mode
         _hf_run(model, ids, 3)  # warm
 
-    for _ in range(repeats):
-        order = list(engines)
-        rng.shuffle(order)
-        for e in order:
-            if e.startswith("hf"):
-                hf_mode(e)
-                runs[e].append(_hf_run(model, ids, new_tokens))
-            else:
-                runs[e].append(_fast_run(decoders[e], ids, new_tokens))
-            if progress is not None:
-                progress.update(1)
+    def runner(engine):
+        if engine.startswith("hf"):
+            return lambda: (hf_mode(engine), _hf_run(model, ids, new_tokens))[1]
+        return lambda: _fast_run(decoders[engine], ids, new_tokens)
+
+    runs = interleaved({e: runner(e) for e in engines}, repeats, rng=rng,
+                       after=(lambda _e: progress.update(1)) if progress is not None else None)
     deaccelerate_(model)
     if not is_sparsified(model):
         sparsify()
@@ -204,9 +190,8 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
         hf_max_params: float = 3e8, seed: int = 0, progress: bool = True) -> dict:
     """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``). ``method``
     "none": no plan, the natural sparsity of a ReLU model (its exact zeros) against dense."""
-    from actsparse.commands.sparsify import make_config
-    from actsparse.eval.bench_kernel import machine_info
     from actsparse.sparsify.api import calibrate, desparsify_, sparsify_
+    from actsparse.sparsify.registry import make_config
 
     config = None if method == "none" else make_config(method, sparsity)
     rng = random.Random(seed)
@@ -242,8 +227,6 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
         gc.collect()
     if bar is not None:
         bar.close()
-    from actsparse.commands.sweep import git_hash
-
     return {"benchmark": "decode", "machine": machine_info(), "git": git_hash(),
             "config": {"models": list(models), "method": method, "sparsity": sparsity, "plan": config.to_dict() if config else None,
                        "dtypes": list(dtypes), "threads": list(threads), "new_tokens": new_tokens,
@@ -251,6 +234,44 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
                        "calibration_data": "wiki calibration split (ids modulo the vocabulary)",
                        "hf_engines_up_to_params": hf_max_params, "seed": seed},
             "wall_s": time.perf_counter() - t0, "groups": groups}
+
+
+def measure_plans(model, tok, plans: dict, *, new_tokens: int = 32, repeats: int = 3,
+                   prompt: str = "The history of the city of Paris", seed: int = 0) -> dict:
+    """tokens/s of FastDecoder on ``model`` dense and under each plan (name -> callable that
+    sparsifies the model in place); runs interleaved in a random order per repeat."""
+    from actsparse.decode import FastDecoder
+    from actsparse.sparsify.api import desparsify_
+
+    ids = tok(prompt, return_tensors="pt").input_ids[0]
+    max_len = ids.numel() + new_tokens + 1
+    decoders = {"dense": FastDecoder(model, max_len=max_len, dense=True)}
+    samples = {}
+    for name, apply in plans.items():
+        apply(model)
+        decoders[name] = FastDecoder(model, max_len=max_len)  # keeps its thresholds after desparsify_
+        desparsify_(model)
+    for dec in decoders.values():
+        dec.generate(ids, 3)  # compile / load the kernel cache
+
+    def runner(name):
+        def run():
+            r = decoders[name].generate(ids, new_tokens)
+            samples[name] = tok.decode(r.tokens)
+            return r.tokens_per_s
+        return run
+
+    runs = interleaved({n: runner(n) for n in decoders}, repeats, rng=random.Random(seed))
+    dense = float(np.median(runs["dense"]))
+    rows = []
+    for n, xs in runs.items():
+        med = float(np.median(xs))
+        rows.append({"engine": n, "tokens_per_s": med, "runs": xs, "speedup": med / dense,
+                     "decode_sparsity": decoders[n].decode_sparsity() if n != "dense" else {},
+                     "weight_skip": decoders[n].weight_skip() if n != "dense" else {},
+                     "sample": samples[n]})
+    return {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "new_tokens": new_tokens, "repeats": repeats, "prompt": prompt, "rows": rows}
 
 
 def plot(result: dict, path):

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import random
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from actsparse.bench.timing import Flusher, interleaved, spread
+from actsparse.provenance import machine_info
 
 LAYER_SHAPES = [(5632, 2048), (2048, 5632), (11008, 4096), (4096, 11008)]  # (out, in)
 LAYER_SPARSITIES = [0.0, 0.5, 0.7, 0.9, 0.95]
@@ -35,58 +36,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------
-def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads_default": torch.get_num_threads(),
-    }
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import llvmlite.binding as llvm
-
-        feats = llvm.get_host_cpu_features()
-        info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512bf16") if feats.get(f)]
-    except Exception:  # noqa: BLE001 - informative only
-        pass
-    try:
-        import numba
-
-        info["numba"] = numba.__version__
-        info["numba_num_threads"] = numba.config.NUMBA_NUM_THREADS
-    except ImportError:
-        info["numba"] = None
-    try:
-        info["git"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src/actsparse/kernels"],
-            capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-        info["git_kernels_dirty"] = bool(dirty)
-    except (OSError, subprocess.SubprocessError):
-        info["git"] = None
-    try:
-        info["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
-
-
 def _stats(ts: list[float]) -> dict:
-    a = np.asarray(ts) * 1e3
-    p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
-    return {"median_ms": p50, "p10_ms": p10, "p90_ms": p90, "iqr_ms": p75 - p25}
+    sp = spread(np.asarray(ts) * 1e3)
+    return {"median_ms": sp["median"], "p10_ms": sp["p10"], "p90_ms": sp["p90"], "iqr_ms": sp["iqr"]}
 
 
 def _threshold_for(v: torch.Tensor, s: float) -> float:
@@ -98,19 +50,6 @@ def _threshold_for(v: torch.Tensor, s: float) -> float:
     if keep == 0:
         return float(a[0]) * 2 + 1
     return (float(a[keep - 1]) + float(a[keep])) / 2
-
-
-class _Flusher:
-    """Read a buffer larger than the last-level cache (evicts the weights). numpy's
-    single-threaded sum, so neither torch's nor numba's thread pool is woken by it."""
-
-    def __init__(self, mb: int):
-        self.buf = np.ones(max(1, mb) * 2**20 // 4, dtype=np.float32)
-        self.mb = mb
-
-    def __call__(self):
-        if self.mb > 0:
-            self.buf.sum()
 
 
 def _prescreen(cands: dict, reps: int = 3, keep_within: float = 1.5) -> tuple[dict, dict]:
@@ -129,20 +68,13 @@ def _prescreen(cands: dict, reps: int = 3, keep_within: float = 1.5) -> tuple[di
     return kept, times
 
 
-def _run_group(impls: dict, repeats: int, flush: _Flusher, bar) -> dict:
+def _run_group(impls: dict, repeats: int, flush: Flusher, bar, rng: random.Random) -> dict:
     """Time every impl ``repeats`` times, cold, interleaved in a random order."""
-    raw = {k: [] for k in impls}
-    keys = list(impls)
-    for _ in range(repeats):
-        random.shuffle(keys)
-        for k in keys:
-            flush()
-            t0 = time.perf_counter()
-            impls[k]()
-            raw[k].append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
-    return raw
+    def timed(fn):  # measured by wall clock: the runner returns None
+        return lambda: (fn(), None)[1]
+
+    return interleaved({k: timed(fn) for k, fn in impls.items()}, repeats, rng=rng, before=flush,
+                       after=(lambda _k: bar.update(1)) if bar is not None else None)
 
 
 def _summarise(raw, dense_names, sparse_meta, ideal) -> dict:
@@ -178,9 +110,11 @@ def _summarise(raw, dense_names, sparse_meta, ideal) -> dict:
 
 # ---------------------------------------------------------------------------
 def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=None, seed=0,
-                colsplit=True) -> dict:
+                colsplit=True, rng=None) -> dict:
     from actsparse.kernels import numba_cpu as nc
-    from actsparse.kernels.dispatch import kernel_threads, numpy_view, sparse_input_gemv
+    from actsparse.kernels.dispatch import sparse_input_gemv
+    from actsparse.kernels.formats import numpy_view
+    from actsparse.numba_backend import kernel_threads
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
@@ -214,7 +148,7 @@ def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=Non
             meta[key] = {**meta[f"sparse_s{s:g}"], "variant": "colsplit"}
     for fn in impls.values():  # compile / warm
         fn()
-    raw = _run_group(impls, repeats, flush, bar)
+    raw = _run_group(impls, repeats, flush, bar, rng or random.Random(seed))
     res = _summarise(raw, list(dense), meta, lambda s: 1.0 / (1.0 - s))
     res.update(kind="layer", out_features=out_f, in_features=in_f, dtype=str(dtype).split(".")[-1],
                threads=threads, dense_prescreen_warm_ms=pre, weight_bytes=W.numel() * el)
@@ -224,7 +158,7 @@ def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=Non
 
 
 def bench_mlp(hidden, inter, dtype, threads, sparsities, repeats, flush, bar=None, seed=0,
-              act="silu") -> dict:
+              act="silu", rng=None) -> dict:
     from actsparse.kernels import gated_mlp_step, to_kernel_layout
     from actsparse.kernels.reference import activation
 
@@ -266,7 +200,7 @@ def bench_mlp(hidden, inter, dtype, threads, sparsities, repeats, flush, bar=Non
                      "bytes_read": (inter * hidden + 2 * n_act * hidden) * el}
     for fn in impls.values():
         fn()
-    raw = _run_group(impls, repeats, flush, bar)
+    raw = _run_group(impls, repeats, flush, bar, rng or random.Random(seed))
     res = _summarise(raw, list(dense), meta, lambda s: 3.0 / (1.0 + 2.0 * (1.0 - s)))
     res.update(kind="gated_mlp", hidden=hidden, intermediate=inter, act=act,
                dtype=str(dtype).split(".")[-1], threads=threads, dense_prescreen_warm_ms=pre,
@@ -295,9 +229,9 @@ def run(
     shapes = list(LAYER_SHAPES if shapes is None else shapes)
     sparsities = list(LAYER_SPARSITIES if sparsities is None else sparsities)
     mlp_sparsities = list(MLP_SPARSITIES if mlp_sparsities is None else mlp_sparsities)
-    random.seed(seed)
+    rng = random.Random(seed)
     old_threads = torch.get_num_threads()
-    flush = _Flusher(flush_mb)
+    flush = Flusher(flush_mb)
     n_dense_max = 4
     total = 0
     for _ in dtypes:
@@ -336,12 +270,12 @@ def run(
                     if bar is not None:
                         bar.set_postfix_str(f"{o}x{i} {dt} t{nt}")
                     groups.append(bench_layer(o, i, DTYPES[dt], nt, sparsities, repeats, flush,
-                                              bar, seed))
+                                              bar, seed, rng=rng))
                 if mlp_shape:
                     if bar is not None:
                         bar.set_postfix_str(f"mlp {dt} t{nt}")
                     groups.append(bench_mlp(mlp_shape[0], mlp_shape[1], DTYPES[dt], nt,
-                                            mlp_sparsities, repeats, flush, bar, seed))
+                                            mlp_sparsities, repeats, flush, bar, seed, rng=rng))
     finally:
         torch.set_num_threads(old_threads)
         if bar is not None:

@@ -32,26 +32,28 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
+from actsparse.config import VersionedConfig
 from actsparse.errors import ConfigError
+from actsparse.experiments.ap_digits.data import DATASETS, load_dataset
+from actsparse.experiments.ap_digits.nets import MODELS, build_model
+from actsparse.experiments.ap_digits.training import TrainConfig, evaluate, train
 from actsparse.io import read_json, write_json, write_safetensors
 from actsparse.prune.ap import check_rates, prune_cycle, snapshot_weights, split_counts
-from actsparse.prune.data import DATASETS, load_dataset
 from actsparse.prune.dnr import relu_dead_stats
 from actsparse.prune.hosts import (HOSTS, count_surviving, count_total, ensure_pruned, get_host,
                                    prunable_parameters)
-from actsparse.prune.nets import MODELS, build_model
-from actsparse.prune.training import TrainConfig, evaluate, train
 
 RUN_FORMAT = 2
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(VersionedConfig):
+    KIND: ClassVar[str] = "ap-run"
     model: str = "mlp"
     host: str = "imp"
     ap: float = 0.0
@@ -240,7 +242,8 @@ def _host_kwargs(cfg: RunConfig, cycle: int) -> dict:
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(VersionedConfig):
+    KIND: ClassVar[str] = "ap-sweep"
     models: tuple[str, ...] = ("mlp", "cnn")
     hosts: tuple[str, ...] = tuple(HOSTS)
     aps: tuple[float, ...] = (0.0, 0.02)
@@ -347,7 +350,7 @@ def versions() -> dict:
     import numpy
     import sklearn
 
-    from actsparse import __version__
+    from actsparse.version import __version__
 
     return {"actsparse": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "scikit-learn": sklearn.__version__, "python": platform.python_version(),
@@ -384,7 +387,7 @@ def run_sweep(sweep: SweepConfig, out_dir: str | os.PathLike, work_dir: str | os
     if progress:
         progress(len(cfgs), len(cfgs), None)
     if plots:
-        from actsparse.prune.plots import plot_all
+        from actsparse.experiments.ap_digits.plots import plot_all
 
         doc["plots"] = [str(p) for p in plot_all(doc, out_dir, name)]
         write_json(out_dir / f"{name}.json", doc)

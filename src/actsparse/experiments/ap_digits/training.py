@@ -7,19 +7,21 @@ checkpoint reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actsparse.config import VersionedConfig
 from actsparse.errors import ConfigError
-from actsparse.prune.data import ImageData, batches
+from actsparse.experiments.ap_digits.data import ImageData, batches
 from actsparse.prune.dnr import relu_dead_stats
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(VersionedConfig):
+    KIND: ClassVar[str] = "ap-train"
     epochs: int = 15
     lr: float = 1e-3
     batch_size: int = 64

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from actsparse.errors import ConfigError
-from actsparse.prune.data import ImageData, load_dataset
+from actsparse.experiments.ap_digits.data import ImageData, load_dataset
+from actsparse.experiments.ap_digits.runner import (Interrupted, RunConfig, SweepConfig, aggregate,
+                                                    remaining_schedule, run_pruning, run_sweep)
+from actsparse.experiments.ap_digits.training import TrainConfig
 from actsparse.prune.dnr import relu_dead_stats
-from actsparse.prune.experiment import (Interrupted, RunConfig, SweepConfig, aggregate, remaining_schedule,
-                                        run_pruning, run_sweep)
-from actsparse.prune.training import TrainConfig
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ def test_aggregate_claims_on_synthetic_runs():
 
 
 def test_sweep_writes_json_and_plots(tmp_path, small, monkeypatch):
-    import actsparse.prune.experiment as E
+    import actsparse.experiments.ap_digits.runner as E
     monkeypatch.setattr(E, "load_dataset", lambda name: small)
     sw = SweepConfig(models=("mlp",), hosts=("imp", "snip"), aps=(0.0, 0.02), seeds=(0, 1), cycles=1,
                      train=TrainConfig(epochs=1, dnr_samples=16), model_epochs=())
@@ -151,7 +151,7 @@ def _cli(argv):
 
 
 def test_cli_prune_runs_and_bad_input_raises_config_error(tmp_path, small, monkeypatch, capsys):
-    import actsparse.prune.data as D
+    import actsparse.experiments.ap_digits.data as D
     monkeypatch.setattr(D, "load_dataset", lambda name="digits", **k: small)
     rc = _cli(["prune", "--model", "mlp", "--host", "imp", "--ap", "0.02", "--cycles", "1", "--epochs", "1",
                "--out", str(tmp_path)])
