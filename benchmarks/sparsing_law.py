@@ -31,7 +31,6 @@ import math
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from actsparse.errors import DataError
 from actsparse.eval.perplexity import perplexity

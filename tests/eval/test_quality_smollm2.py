@@ -1,6 +1,5 @@
 """Integration on the real SmolLM2-135M (small token counts). The fixture is shared: always
 desparsify in a finally."""
-import pytest
 
 from actsparse.data.text import text, token_windows
 from actsparse.eval.perplexity import perplexity

@@ -143,7 +143,6 @@ def test_sweep_writes_json_and_plots(tmp_path, small, monkeypatch):
 
 def _cli(argv):
     from actsparse.commands import prune as cmd
-    from actsparse.errors import ActsparseError
     parser = argparse.ArgumentParser(prog="actsparse")
     cmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)

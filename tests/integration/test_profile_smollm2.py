@@ -7,7 +7,6 @@ import transformers as T
 
 import actsparse as asp
 from actsparse.cli import main
-from actsparse.measure import metrics
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Tiny random models and windows for the sparsify tests."""
-import pytest
 import torch
 
 

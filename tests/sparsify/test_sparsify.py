@@ -5,7 +5,7 @@ import torch
 
 from actsparse.errors import ConfigError, DataError, StateError
 from actsparse.eval.perplexity import perplexity
-from actsparse.sparsify import (CATS, CETT, CHESS, TEAL, TopK, WINA, calibrate, desparsify_, iter_sparse_modules,
+from actsparse.sparsify import (CATS, CETT, CHESS, TEAL, TopK, WINA, desparsify_, iter_sparse_modules,
                                 reached_sparsity, sparsify_)
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation
 from actsparse.sparsify.plan import load_plan, read_plan, save_plan

@@ -153,7 +153,7 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     def runner(engine):
         if engine.startswith("hf"):
             return lambda: (hf_mode(engine), _hf_run(model, ids, new_tokens))[1]
-        return lambda: _fast_run(decoders[engine], ids, new_tokens)
+        return lambda dec=decoders[engine]: _fast_run(dec, ids, new_tokens)
 
     runs = interleaved({e: runner(e) for e in engines}, repeats, rng=rng,
                        after=(lambda _e: progress.update(1)) if progress is not None else None)

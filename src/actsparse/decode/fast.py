@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.decode.plan import ROLE_NAMES, DecodePlan
+from actsparse.decode.codes import ROLE_NAMES
+from actsparse.decode.plan import DecodePlan
 from actsparse.errors import ConfigError, StateError, UnsupportedError
 from actsparse.kernels.dispatch import numba_enabled
 from actsparse.numba_backend import kernel_threads
@@ -65,6 +66,7 @@ class FastDecoder:
 
     def __init__(self, model: nn.Module, *, max_len: int = 1024, dense: bool = False, skip_zeros: bool | None = None):
         from actsparse.decode import step
+        from actsparse.decode.codes import KVCache
 
         if not numba_enabled():
             raise UnsupportedError("FastDecoder needs numba (it is disabled or missing); use model.generate instead")
@@ -79,7 +81,7 @@ class FastDecoder:
         self._args, self._keep, self.copy_bytes = self.plan.kernel_args(self.max_len)
         p = self.plan
         shape = (p.num_layers, p.n_kv, self.max_len, p.head_dim)
-        self._kv = step.KVCache(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        self._kv = KVCache(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         self._h = np.empty(p.hidden, np.float32)
         self.vocab = self._args.emb.lm_head.shape[0]
         self._logits = np.empty(self.vocab, np.float32)

@@ -17,44 +17,18 @@ attention shape, RoPE tables, embeddings). Host and kernel share the enums' valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 import numpy as np
 import torch
 from torch import nn
 
+from actsparse.decode import codes as K
+from actsparse.decode.codes import FUSED_GROUPS, ROLE_NAMES, SITE_ROLE, Mode, Role
 from actsparse.errors import ConfigError, UnsupportedError
 from actsparse.kernels.formats import WeightFormat, empty_weights, numpy_view, weight_format
-from actsparse.kernels.primitives import ACT_CODES
+from actsparse.kernels.reference import ACT_CODES
 from actsparse.models.sitemaps import SiteMap, site_map
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name
-
-
-class Role(IntEnum):
-    """The linears of a block, in the kernel's order (index into the per-layer tables)."""
-
-    Q = 0
-    K = 1
-    V = 2
-    O = 3  # noqa: E741
-    GATE = 4
-    UP = 5
-    DOWN = 6
-
-
-SITE_ROLE = {Role.Q: "attn.q", Role.K: "attn.k", Role.V: "attn.v", Role.O: "attn.o", Role.GATE: "mlp.gate",
-             Role.UP: "mlp.up", Role.DOWN: "mlp.down"}
-ROLE_NAMES = ("q", "k", "v", "o", "gate", "up", "down")  # short names in reports (Role order)
-FUSED_GROUPS = {Role.Q: (Role.Q, Role.K, Role.V), Role.GATE: (Role.GATE, Role.UP)}
-
-
-class Mode(IntEnum):
-    """How a linear (or the activation site) reads its input; kernel-visible codes."""
-
-    DENSE = 0  # every input (activation site: no test)
-    THRESHOLD = 1  # inputs with |x_i| > t_i (activation site: kept neurons)
-    TOPK = 2  # the k largest |x_i|
-    FUSED = 3  # computed by the first linear of its group, on the concatenated weights
 
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -216,8 +190,6 @@ class DecodePlan:
         """The grouped arguments of the compiled step (and the tensors their arrays point
         into, which must stay alive), plus the bytes of the transposed copies."""
         from numba.typed import List
-
-        from actsparse.decode import step as K
 
         keep: list = []
         copy_bytes = 0

@@ -26,30 +26,19 @@ an fp32 KV cache.
 from __future__ import annotations
 
 import math
-from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange
 
-from actsparse.decode.plan import Mode, Role
+from actsparse.decode.codes import Mode, Role
 from actsparse.kernels.primitives import (JIT, accumulate_rows, activate, chunk, compact, dot_range, dot_rows,
                                           sparse_rows_matvec, to_f32)
-
-# grouped arguments of decode_token (numba takes named tuples of arrays and typed lists)
-Weights = namedtuple("Weights", "fmt w wt bias")  # fmt (L, 7) int64; w, wt, bias: typed lists (layer * 7 + role)
-Tests = namedtuple("Tests", "mode thr stride k")  # per-linear input tests: mode/stride/k (L, 7) int64; thr list
-ActTests = namedtuple("ActTests", "code mode thr stride k")  # MLP activation code; its per-layer test
-Norms = namedtuple("Norms", "attn mlp final eps")  # (L, D) RMSNorm gains before attention / MLP; final; eps
-AttentionShape = namedtuple("AttentionShape", "n_heads n_kv head_dim scale")
-Rope = namedtuple("Rope", "cos sin")  # (positions, head_dim) tables
-Embeddings = namedtuple("Embeddings", "embed lm_head")
-StepArgs = namedtuple("StepArgs", "weights tests act norms attn rope emb")
-KVCache = namedtuple("KVCache", "k v")  # (L, n_kv, max_len, head_dim) fp32 each
 
 _DENSE, _TOPK, _FUSED = int(Mode.DENSE), int(Mode.TOPK), int(Mode.FUSED)
 _NR = len(Role)
 _Q, _K, _V, _O = int(Role.Q), int(Role.K), int(Role.V), int(Role.O)
 _GATE, _UP, _DOWN = int(Role.GATE), int(Role.UP), int(Role.DOWN)
+
 # Below this many weight bytes a GEMV runs on the calling thread: waking the other threads
 # for a parallel region costs microseconds (a scheduler slice when the cores are busy),
 # more than a small GEMV takes, and a token has hundreds of them.

@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from actsparse.kernels.primitives import (ACT_CODES, JIT, activate, chunk, chunk_aligned, compact, dot_range,
-                                          dot_rows, sparse_cols_matvec, sparse_rows_matvec, store, widen)
+from actsparse.kernels.primitives import (JIT, activate, chunk, chunk_aligned, compact, dot_range, dot_rows,
+                                          sparse_cols_matvec, sparse_rows_matvec, store, widen)
+from actsparse.kernels.reference import ACT_CODES
 
 __all__ = [
     "input_sparse_gemv",

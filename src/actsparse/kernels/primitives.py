@@ -24,9 +24,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-# activation codes shared by the host and the kernels
-ACT_CODES = {"relu": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3}
-
 JIT = dict(cache=True, fastmath=True, boundscheck=False, nogil=True, error_model="numpy")
 
 
@@ -297,6 +294,7 @@ def dot_range(w, i0, i1, xf, res):
 
 @njit(inline="always", **JIT)
 def activate(g, code):
+    """The MLP activation of ``code`` (``actsparse.kernels.reference.ACT_CODES``)."""
     if code == 0:
         return max(g, np.float32(0.0))
     if code == 1:

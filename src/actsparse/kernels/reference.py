@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "ACTIVATIONS",
+    "ACT_CODES",
     "activation",
     "input_mask",
     "sparse_input_gemv_ref",
@@ -23,6 +24,8 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
+# the activation codes the numba kernels branch on
+ACT_CODES = {"relu": 0, "silu": 1, "gelu_tanh": 2, "gelu": 3}
 
 
 def activation(g: torch.Tensor, act: str) -> torch.Tensor:

@@ -10,42 +10,15 @@ position for conv outputs) and a column is one neuron. A row mask excludes paddi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from actsparse.measure import fused
+from actsparse.measure.histogram import HIST_BINS, hist_bin_index, hist_lower_edges  # noqa: F401  (re-exported)
 
 DEFAULT_EPS = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5)
-
-# Histogram of |v| over all neurons of a site, read straight off the float32 bit pattern:
-# the exponent and the top HIST_MANTISSA_BITS mantissa bits of |v| form a log-linear bin
-# index (32 bins per octave, about 2% wide), so binning costs two integer ops per value.
-# Bin 0 holds |v| < 2**HIST_MIN_EXP (zeros included); the last bin everything >= 2**HIST_MAX_EXP.
-HIST_MANTISSA_BITS = 5
-HIST_MIN_EXP, HIST_MAX_EXP = -24, 16
-_PER_OCTAVE = 1 << HIST_MANTISSA_BITS
-_SHIFT = 23 - HIST_MANTISSA_BITS
-_BASE = (HIST_MIN_EXP + 127) * _PER_OCTAVE  # bit-index of 2**HIST_MIN_EXP
-HIST_BINS = (HIST_MAX_EXP - HIST_MIN_EXP) * _PER_OCTAVE + 2
-
-
-def hist_lower_edges() -> torch.Tensor:
-    """Lower edge of every histogram bin (float64); bin 0 starts at 0."""
-    j = torch.arange(HIST_BINS - 1, dtype=torch.int64) + _BASE  # bins 1..HIST_BINS-1
-    octave = torch.div(j, _PER_OCTAVE, rounding_mode="floor") - 127
-    frac = (j % _PER_OCTAVE).double() / _PER_OCTAVE
-    lower = torch.pow(2.0, octave.double()) * (1.0 + frac)
-    return torch.cat([torch.zeros(1, dtype=torch.float64), lower])
-
-
-def hist_bin_index(absv: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each |v| (float32 tensor, finite, >= 0), as int64."""
-    bits = absv.to(torch.float32).contiguous().view(torch.int32)
-    idx = torch.bitwise_right_shift(bits, _SHIFT) - (_BASE - 1)
-    return idx.clamp_(0, HIST_BINS - 1).to(torch.int64)
-
 
 def _column_bincount(codes: torch.Tensor, n_codes: int) -> torch.Tensor:
     """Per-column histogram of small integer ``codes`` (rows, width) -> (width, n_codes)."""

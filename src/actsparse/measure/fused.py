@@ -9,8 +9,10 @@ torch path, which stays the fallback (``ACTSPARSE_DISABLE_NUMBA=1`` or numba mis
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from actsparse.numba_backend import numba_enabled
+from actsparse.measure import histogram as hist
+from actsparse.numba_backend import numba_enabled  # noqa: F401  (the switch accumulators ask)
 
 
 def _kernel():
@@ -21,24 +23,22 @@ def _kernel():
 
 def reduce_into(st, v, valid, *, temporal: bool, flow_threshold: float) -> None:
     """Fold ``v`` (batch, time, width) float32 with ``valid`` (batch, time) bool into ``st``."""
-    from actsparse.measure import accumulators as acc
-
     v = np.ascontiguousarray(v, dtype=np.float32)
     valid = np.ascontiguousarray(valid, dtype=np.bool_)
     from actsparse.measure._fused_numba import CHUNK
 
     n_chunks = -(-st.width // CHUNK)
-    hist_chunks = np.zeros((n_chunks, acc.HIST_BINS), dtype=np.int64)
+    hist_chunks = np.zeros((n_chunks, hist.HIST_BINS), dtype=np.int64)
     bad_chunks = np.zeros(n_chunks, dtype=np.int64)
     views = {name: getattr(st, name).numpy() for name in (
         "count", "nonzero", "positive", "le_eps", "abs_sum", "sum", "sq_sum", "pos_sum", "pos_sq_sum",
         "delta_zero", "delta_le_eps", "flow_active", "both_active")}
     _kernel()(v, v.view(np.int32), valid, temporal, np.float32(flow_threshold),
-              np.asarray(st.eps, dtype=np.float32), acc._SHIFT, acc._BASE - 1, acc.HIST_BINS,
+              np.asarray(st.eps, dtype=np.float32), hist.SHIFT, hist.BASE - 1, hist.HIST_BINS,
               views["count"], views["nonzero"], views["positive"], views["le_eps"], views["abs_sum"],
               views["sum"], views["sq_sum"], views["pos_sum"], views["pos_sq_sum"], hist_chunks,
               views["delta_zero"], views["delta_le_eps"], views["flow_active"], views["both_active"], bad_chunks)
-    st.hist += acc.torch.from_numpy(hist_chunks.sum(0))
+    st.hist += torch.from_numpy(hist_chunks.sum(0))
     st.nonfinite += int(bad_chunks.sum())
     st.rows += int(valid.sum())
     if temporal and v.shape[1] > 1:

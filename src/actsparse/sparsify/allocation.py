@@ -249,7 +249,7 @@ def _heads(model) -> int:
 
 
 def block_greedy(target, stats, layer: int) -> BlockGreedy:
-    from actsparse.sparsify.teal import INPUT_KINDS, magnitude_threshold
+    from actsparse.sparsify.calibration import quantile_threshold
 
     model, smap, config = target.model, target.smap, target.config
     rows = {}
@@ -267,9 +267,9 @@ def block_greedy(target, stats, layer: int) -> BlockGreedy:
     if hit is not None and all(a is b for a, b in zip(hit[0], rows.values())):
         return hit[1]
     mods = {r: model.get_submodule(smap.module_path(layer, r)) for r in _NEEDED_ROLES}
-    params = {k: sum(mods[r].weight.numel() for r in INPUT_KINDS[k] if r in mods) for k in kinds}
+    params = {k: sum(mods[r].weight.numel() for r in target.readers(k)) for k in kinds}
     src_stats = {k: stats[f"{smap.module_path(layer, k)}:input"] for k in kinds}
-    g = BlockGreedy(kinds, params, lambda k, s: magnitude_threshold(src_stats[k], s), rows, mods, _heads(model),
+    g = BlockGreedy(kinds, params, lambda k, s: quantile_threshold(src_stats[k], s), rows, mods, _heads(model),
                     step=config.greedy_step)
     if len(_PATHS) > 4096:
         _PATHS.clear()

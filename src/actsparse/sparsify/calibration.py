@@ -43,6 +43,12 @@ def mean_abs(st: SiteStats) -> torch.Tensor:
     return (st.abs_sum / st.count.clamp_min(1)).to(torch.float32)
 
 
+def quantile_threshold(st: SiteStats, sparsity: float) -> float:
+    """The threshold that drops a fraction ``sparsity`` of the values: the s-quantile of the
+    calibration histogram of |v| (or of a scaled score), 0 at s = 0."""
+    return 0.0 if sparsity <= 0 else st.abs_quantile(sparsity)
+
+
 @torch.no_grad()
 def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: int = 4, progress: bool = False,
             have: dict | None = None) -> dict:

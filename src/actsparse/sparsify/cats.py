@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actsparse.measure.accumulators import SiteStats
-from actsparse.sparsify.calibration import Request
+from actsparse.sparsify.calibration import Request, quantile_threshold
 from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 
@@ -19,10 +18,6 @@ class CATS(SparsityConfig):
     VERSION = 1
     sparsity: float = 0.5
     overrides: tuple[tuple[str, float | None], ...] = ()
-
-
-def act_threshold(stats: SiteStats, sparsity: float) -> float:
-    return 0.0 if sparsity <= 0 else stats.abs_quantile(sparsity)
 
 
 @register_handler(CATS)
@@ -38,7 +33,7 @@ class _CATSHandler(Handler):
             s = t.sparsity(path)
             if s is None:
                 continue
-            thr = act_threshold(stats[f"{path}:output"], s)
+            thr = quantile_threshold(stats[f"{path}:output"], s)
             out.append(Assignment(path, "act", "mlp.act:output", threshold=thr, skips=t.act_skips(layer),
                                   width=t.in_features(layer, "mlp.down"), target=s))
         return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from actsparse.errors import ConfigError
-from actsparse.sparsify.calibration import Request, mean_abs
+from actsparse.sparsify.calibration import Request, mean_abs, quantile_threshold
 from actsparse.sparsify.registry import (Assignment, Handler, SparsityConfig, check_sparsity, register_handler,
                                          register_method, register_preset)
 
@@ -81,7 +81,7 @@ class _CHESSHandler(Handler):
             up = t.path(layer, "mlp.up")
             s = t.sparsity(act)
             if s is not None:
-                T = 0.0 if s <= 0 else stats[f"{act}:chess"].abs_quantile(s)
+                T = quantile_threshold(stats[f"{act}:chess"], s)
                 thr = channel_thresholds(T, mean_abs(stats[f"{up}:output"]))
                 out.append(Assignment(act, "act", "mlp.act:output", threshold=thr, skips=t.act_skips(layer),
                                       width=t.in_features(layer, "mlp.down"), target=s))
@@ -95,7 +95,7 @@ class _CHESSHandler(Handler):
                     sa = t.sparsity(path, base)
                     if sa is None:
                         continue
-                    ta = 0.0 if sa <= 0 else stats[f"{t.path(layer, src_role)}:input"].abs_quantile(sa)
+                    ta = quantile_threshold(stats[f"{t.path(layer, src_role)}:input"], sa)
                     out.append(Assignment(path, "linear", f"{src_role}:input", threshold=ta, skips=(path,),
                                           target=sa))
         return out

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actsparse.errors import ConfigError
-from actsparse.measure.accumulators import SiteStats
 from actsparse.models.sitemaps import SHARED_INPUT
-from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS, Request
+from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS, Request, quantile_threshold
 from actsparse.sparsify.registry import (Assignment, Handler, SparsityConfig, register_handler, register_method,
                                          register_preset)
 
@@ -64,13 +63,6 @@ class TEAL(SparsityConfig):
 register_preset("teal-greedy", TEAL, allocation="greedy")
 
 
-def magnitude_threshold(stats: SiteStats, sparsity: float) -> float:
-    """The s-quantile of |v| from the calibration histogram (0 at s = 0)."""
-    if sparsity <= 0:
-        return 0.0
-    return stats.abs_quantile(sparsity)
-
-
 def input_key(target, layer: int, kind: str) -> str:
     """Stats key of the input of ``kind`` in ``layer`` (captured under its source role)."""
     return f"{target.path(layer, target.input_source(kind))}:input"
@@ -111,6 +103,6 @@ class _TEALHandler(Handler):
                     s = t.sparsity(path, base)
                     if s is None:
                         continue
-                    thr = magnitude_threshold(stats[input_key(t, layer, kind)], s)
+                    thr = quantile_threshold(stats[input_key(t, layer, kind)], s)
                     out.append(Assignment(path, "linear", f"{src}:input", threshold=thr, skips=(path,), target=s))
         return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from actsparse.errors import ConfigError
-from actsparse.sparsify.calibration import Request
+from actsparse.sparsify.calibration import Request, quantile_threshold
 from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
@@ -69,7 +69,7 @@ class _WINAHandler(Handler):
                 s = t.sparsity(path)
                 if s is None:
                     continue
-                T = 0.0 if s <= 0 else stats[f"{path}:wina"].abs_quantile(s)
+                T = quantile_threshold(stats[f"{path}:wina"], s)
                 thr = score_thresholds(T, column_norms(t.module(path).weight))
                 out.append(Assignment(path, "linear", f"{role}:input", threshold=thr, skips=(path,), target=s))
         return out

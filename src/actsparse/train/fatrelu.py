@@ -47,10 +47,10 @@ def fatrelu_(model: nn.Module, threshold: float = 0.01):
 
     Existing FATReLUs get the new threshold. The model should already use ReLU (see
     :func:`actsparse.train.relufy.relufy_`): FATReLU replaces whatever activation was
-    there. Returns the list of :class:`~actsparse.train.relufy.Change`.
+    there. Returns the list of :class:`~actsparse.train.targets.Change`.
     """
     from actsparse.models.swap import swap_module
-    from actsparse.train.relufy import OWNER, Change, activation_paths
+    from actsparse.train.targets import OWNER, Change, activation_paths
 
     t = check_threshold(threshold)
     changes = []

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from actsparse.config import VersionedConfig
-from actsparse.errors import ConfigError
+from actsparse.errors import ConfigError, DataError
 from actsparse.io import read_json, write_json, write_safetensors
 from actsparse.train.losses import ActivationL1
 from actsparse.train.schedule import Constant, ProSparse, Schedule
@@ -204,7 +204,7 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer) -> dict | None:
     ckpt = out / info["checkpoint"]
     state = read_json(ckpt / "state.json")
     if state["step"] != info["step"]:
-        raise ConfigError(f"{ckpt} holds step {state['step']} but latest.json says {info['step']}")
+        raise DataError(f"{ckpt} holds step {state['step']} but latest.json says {info['step']}")
     tensors = load_file(str(ckpt / "model.safetensors"))
     for alias, name in state.get("aliases", {}).items():
         tensors[alias] = tensors[name]

@@ -27,24 +27,14 @@ they are, and a second call returns an empty list.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from actsparse.errors import ConfigError
 from actsparse.models.swap import swap_class, swap_module
+from actsparse.train.targets import OWNER, Change, activation_paths, norm_paths  # noqa: F401  (Change: public)
 
-OWNER = "relufy"  # the module-swap ledger's name for these changes (undo: swap.unwind(model, OWNER))
 CONFIG_ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
-
-
-class Change(NamedTuple):
-    """One module changed in place: its path, what it was, what it is now."""
-
-    path: str
-    before: str
-    after: str
 
 
 class ReLUAfterNorm:
@@ -62,31 +52,6 @@ def _with_relu(cls: type) -> type:
     if cls not in _NORM_CLASSES:
         _NORM_CLASSES[cls] = type(f"{cls.__name__}WithReLU", (ReLUAfterNorm, cls), {"__module__": __name__})
     return _NORM_CLASSES[cls]
-
-
-def activation_paths(model: nn.Module) -> list[str]:
-    """Module paths of the MLP activations (site-map role ``mlp.act``, or the generic
-    activation modules of an unmapped model)."""
-    from actsparse.models.sitemaps import generic_activation_modules, site_map
-
-    smap = site_map(model, warn=False)
-    if smap.family == "generic" or "mlp.act" not in smap.roles:
-        return [p for p, _ in generic_activation_modules(model)]
-    return [smap.module_path(i, "mlp.act") for i in range(smap.num_layers)]
-
-
-def norm_paths(model: nn.Module) -> list[str]:
-    """Module paths of the norms feeding attention and the MLP (the site map's ``norm.attn``
-    and ``norm.mlp`` roles)."""
-    from actsparse.models.sitemaps import site_map
-
-    smap = site_map(model, warn=False)
-    if smap.family == "generic" or not {"norm.attn", "norm.mlp"} <= set(smap.norms):
-        raise ConfigError(
-            f"relufy_(after_norms=True) needs a pre-norm block (norms in front of attention and the MLP); this model's "
-            f"site map ({smap.family!r}) has none (post-norm like BERT, or unmapped). Use after_norms=False."
-        )
-    return [smap.module_path(i, r) for i in range(smap.num_layers) for r in ("norm.attn", "norm.mlp")]
 
 
 def _is_relu(module: nn.Module) -> bool:
