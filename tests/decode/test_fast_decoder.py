@@ -256,3 +256,58 @@ def test_greedy_generation_on_smollm2_equals_reference_sparse_path(smollm2, meth
     finally:
         torch.set_num_threads(threads)
         asp.desparsify_(model)
+
+
+def test_dense_decoder_on_a_sparsified_model_is_dense_everywhere(smollm2):
+    """Issue: FastDecoder(dense=True) on a sparsified model prefilled through the sparse
+    modules, so the dense baseline's first token came from the sparse model."""
+    from actsparse.data.text import text, token_windows
+
+    model, tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = FastDecoder(model, max_len=32).generate(ids, 6).tokens  # the dense model
+        first_dense = FastDecoder(model, max_len=32).prefill(ids).copy()
+        cal = token_windows(tok, text("wiki", "calibration"), window=256, max_tokens=512)
+        asp.sparsify_(model, asp.TEAL(sparsity=0.7), calibration=cal)
+        try:
+            dec = FastDecoder(model, max_len=32, dense=True)
+            np.testing.assert_array_equal(dec.prefill(ids), first_dense)
+            assert dec.generate(ids, 6).tokens == reference
+            sparse_first = FastDecoder(model, max_len=32).prefill(ids)
+            assert np.abs(sparse_first - first_dense).max() > 0.1  # the plan does change the prompt's logits
+        finally:
+            asp.desparsify_(model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sparse_decoder_prefills_as_its_plan_even_after_desparsify():
+    """The model's forward is used for the prompt only while it carries the plan's modules;
+    afterwards the compiled step computes the prompt (same plan, same result)."""
+    model = tiny_llama()
+    install(model, "channel_mask", np.random.default_rng(3))
+    ids = torch.tensor([5, 6, 7, 8, 9])
+    dec = FastDecoder(model, max_len=16)
+    with_model = dec.prefill(ids).copy()
+    asp.desparsify_(model)
+    assert not dec.plan.model_matches()
+    np.testing.assert_allclose(dec.prefill(ids), with_model, atol=2e-4)
+    dense = FastDecoder(model, max_len=16).prefill(ids)
+    assert np.abs(dense - with_model).max() > 1e-2
+    with_dense_prompt = FastDecoder(model, max_len=16, prefill="dense")
+    with pytest.raises(ConfigError, match="prefill must be"):
+        FastDecoder(model, prefill="sparse-ish")
+    np.testing.assert_allclose(with_dense_prompt.prefill(ids), dense, atol=1e-5)
+
+
+def test_batches_are_refused_not_flattened():
+    """Issue: generate() flattened a (2, n) batch into one 2n-token prompt."""
+    dec = FastDecoder(tiny_llama(), max_len=32)
+    with pytest.raises(ConfigError, match="batch 1.*accelerate_"):
+        dec.generate(torch.ones(2, 5, dtype=torch.long), 3)
+    with pytest.raises(ConfigError, match="batch 1"):
+        dec.prefill(torch.ones(2, 5, dtype=torch.long))
+    assert len(dec.generate(torch.ones(1, 5, dtype=torch.long), 3).tokens) == 3

@@ -200,6 +200,26 @@ def test_plan_for_another_model_refused(tiny_stats, tmp_path):
         load_plan(other, tmp_path / "plan")
 
 
+def test_plan_for_other_weights_of_the_same_shapes_refused(tiny_stats, tmp_path):
+    """Issue: plans were matched by shape only, so a TEAL plan loaded into another model of the
+    same shapes and silently gave a different sparsity."""
+    model, cal, stats = tiny_stats
+    sparsify_(model, TEAL(sparsity=0.5), stats=stats)
+    try:
+        save_plan(model, tmp_path / "plan")
+    finally:
+        desparsify_(model)
+    other = tiny_llama(seed=7)  # same shapes, other weights
+    with pytest.raises(ConfigError, match="other weights.*check_weights=False"):
+        load_plan(other, tmp_path / "plan")
+    assert not any(True for _ in iter_sparse_modules(other))
+    load_plan(other, tmp_path / "plan", check_weights=False)  # the explicit override
+    desparsify_(other)
+    same = copy.deepcopy(model).to(torch.bfloat16)  # the same weights in bf16: the same fingerprint
+    load_plan(same, tmp_path / "plan")
+    desparsify_(same)
+
+
 def test_plan_strict_and_nan(tiny_stats, tmp_path):
     import json
 

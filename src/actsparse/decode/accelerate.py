@@ -19,14 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from actsparse.errors import StateError
-from actsparse.kernels import sparse_input_gemv, to_kernel_layout
+from actsparse.kernels import sparse_input_gemv
 from actsparse.models import swap
 from actsparse.models.sitemaps import site_map
-from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, iter_sparse_modules
+from actsparse.sparsify.modules import (MaskedLinear, ThresholdedActivation, in_out_weight, is_linear,
+                                        iter_sparse_modules, linear_features)
 
 OWNER = "accelerate"
 
@@ -43,10 +43,10 @@ class KernelLinear(MaskedLinear):
                          mode=masked.mode, k=masked.k, site_kind=masked.site_kind, skips=masked.skips)
         self._token_mask = masked._token_mask
         self.counting = masked.counting
-        self.register_buffer("wt", to_kernel_layout(masked.weight), persistent=False)
+        self.register_buffer("wt", in_out_weight(masked.linear), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _single_token(x, self.in_features):
+        if self.bypass or not _single_token(x, self.in_features):
             return super().forward(x)
         keep = self.keep_mask(x) if (self.counting or self.mode == "topk") else None
         if self.counting:
@@ -65,17 +65,17 @@ class ZeroSkipLinear(nn.Module):
     """A linear whose single-token forward skips the weight rows of exact-zero inputs
     (the masked neurons of a thresholded MLP activation); the same result as the linear."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Module):
         super().__init__()
         object.__setattr__(self, "linear", linear)
         self.weight = linear.weight
         self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("wt", to_kernel_layout(linear.weight), persistent=False)
+        self.in_features, self.out_features = linear_features(linear)
+        self.register_buffer("wt", in_out_weight(linear), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _single_token(x, self.in_features):
-            return F.linear(x, self.weight, self.bias)
+            return self.linear(x)
         y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, 0.0)
         if self.bias is not None:
             y = y + self.bias
@@ -123,7 +123,7 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
                 continue  # not an MLP activation of the site map: the masked dense path stays
             path = smap.module_path(where[0], "mlp.down")
             down = model.get_submodule(path)
-            if type(down) is not nn.Linear:
+            if isinstance(down, MaskedLinear) or not is_linear(down):
                 continue  # already a sparse linear (TEAL on down): it skips the zeros itself
             new = ZeroSkipLinear(down)
             n_zero += 1

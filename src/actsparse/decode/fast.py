@@ -5,13 +5,17 @@
     dec = FastDecoder(model)
     result = dec.generate(tok("The capital", return_tensors="pt").input_ids[0], 64)
 
-The prompt goes through the model's own forward (batched, masked dense when sparsified)
-and its KV cache is copied; every new token then runs in one compiled call
+The prompt goes through the model's own forward (batched) and its KV cache is copied; every
+new token then runs in one compiled call
 (:mod:`actsparse.decode.step`). What each linear does comes from the model's
 :class:`~actsparse.decode.plan.DecodePlan`: a :class:`MaskedLinear` becomes an input-sparse
 GEMV on a transposed copy of its weight, a :class:`ThresholdedActivation` in the MLP reads
 only the kept rows of up and down. Dense linears use the model's own weight memory (no copy).
-``dense=True`` ignores the sparse modules: the dense baseline on the same engine. A ReLU MLP
+``dense=True`` ignores the sparse modules: the dense baseline on the same engine, dense
+everywhere (its prefill runs the model with every sparse module bypassed). A sparse decoder's
+prefill computes what its plan does: through the model's forward while the model carries the
+plan's sparse modules, else token by token through the compiled step; ``prefill="dense"``
+prefills densely instead (TEAL's decode protocol: a dense prompt, sparse new tokens). A ReLU MLP
 skips its exact zeros (``skip_zeros``, on by default: the result is the same, only faster).
 Top-k sites keep the entries above the (k+1)-th largest |x|: with exact ties at that boundary
 all tied entries are dropped (torch.topk would keep an arbitrary subset).
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +36,9 @@ from actsparse.decode.plan import DecodePlan
 from actsparse.errors import ConfigError, StateError, UnsupportedError
 from actsparse.kernels.dispatch import numba_enabled
 from actsparse.numba_backend import kernel_threads
+from actsparse.sparsify.modules import dense_forward
+
+PREFILL_MODES = ("plan", "dense")
 
 
 @dataclass
@@ -60,14 +68,19 @@ class FastDecoder:
     ``max_len``: prompt + new tokens (the KV cache is allocated once). ``dense``: ignore
     sparse modules. ``skip_zeros``: for a ReLU MLP without an activation threshold, read
     only the rows of up/down whose activation is non-zero (default: on for ReLU).
+    ``prefill``: "plan" (the prompt as the plan computes it) or "dense".
     The model is not modified; keep it alive while the decoder is used (dense linears share
     its weight memory).
     """
 
-    def __init__(self, model: nn.Module, *, max_len: int = 1024, dense: bool = False, skip_zeros: bool | None = None):
+    def __init__(self, model: nn.Module, *, max_len: int = 1024, dense: bool = False, skip_zeros: bool | None = None,
+                 prefill: str = "plan"):
         from actsparse.decode import step
         from actsparse.decode.codes import KVCache
 
+        if prefill not in PREFILL_MODES:
+            raise ConfigError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
+        self.prefill_mode = prefill
         if not numba_enabled():
             raise UnsupportedError("FastDecoder needs numba (it is disabled or missing); use model.generate instead")
         self.max_len = int(max_len)
@@ -147,22 +160,26 @@ class FastDecoder:
     def prefill(self, input_ids, *, use_model: bool = True) -> np.ndarray:
         """Reset and run the prompt; returns the last position's logits.
 
-        ``use_model``: one batched forward of the model (masked dense) whose KV cache is
-        copied; otherwise token by token through the compiled step."""
-        ids = torch.as_tensor(input_ids).reshape(-1)
+        ``use_model``: one batched forward of the model whose KV cache is copied, when that
+        forward computes what the decoder does (see the class docstring); otherwise (or with
+        ``use_model=False``) token by token through the compiled step."""
+        ids = one_sequence(input_ids)
         n = int(ids.numel())
         if n == 0:
             raise ConfigError("the prompt is empty")
         if n >= self.max_len:
             raise ConfigError(f"the prompt has {n} tokens; max_len is {self.max_len}")
         self.reset()
-        if not use_model:
+        dense = self.dense or self.prefill_mode == "dense"
+        if not use_model or not (dense or self.plan.model_matches()):
+            if dense:
+                raise StateError("a dense prefill needs the model's forward (use_model=True)")
             for t in ids.tolist():
                 logits = self.step(t)
             self.counts[:] = 0
             self.steps = 0
             return logits
-        with torch.no_grad():
+        with torch.no_grad(), (dense_forward(self.model) if dense else nullcontext()):
             out = self.model(input_ids=ids[None], use_cache=True)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         for li in range(self.num_layers):
@@ -182,7 +199,7 @@ class FastDecoder:
         if temperature < 0 or not (0 < top_p <= 1):
             raise ConfigError("temperature must be >= 0 and top_p in (0, 1]")
         rng = np.random.default_rng(seed)
-        n_prompt = int(torch.as_tensor(input_ids).numel())
+        n_prompt = int(one_sequence(input_ids).numel())
         if n_prompt + max_new_tokens > self.max_len:
             raise ConfigError(f"prompt ({n_prompt}) + max_new_tokens ({max_new_tokens}) exceed max_len "
                               f"({self.max_len})")
@@ -207,6 +224,17 @@ class FastDecoder:
         cache = self._kv.k.nbytes + self._kv.v.nbytes
         return {"model_weight_bytes": weights, "transposed_copy_bytes": self.copy_bytes,
                 "copy_overhead": self.copy_bytes / weights if weights else math.nan, "kv_cache_bytes": cache}
+
+
+def one_sequence(input_ids) -> torch.Tensor:
+    """The prompt as a 1-D tensor of token ids; a batch of several sequences is refused."""
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.ndim != 1:
+        raise ConfigError(f"FastDecoder decodes one sequence at a time (batch 1); got input_ids of shape "
+                          f"{tuple(ids.shape)}. For a batch, use accelerate_(model) and model.generate")
+    return ids
 
 
 def _cache_layer(cache, i):

@@ -28,7 +28,7 @@ from actsparse.errors import ConfigError, UnsupportedError
 from actsparse.kernels.formats import WeightFormat, empty_weights, numpy_view, weight_format
 from actsparse.kernels.reference import ACT_CODES
 from actsparse.models.sitemaps import SiteMap, site_map
-from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name
+from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name, iter_sparse_modules
 
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -102,6 +102,7 @@ class DecodePlan:
     eps: float
     scale: float
     dense: bool
+    sparse_modules: dict = field(default_factory=dict)  # path -> the sparse module the plan was read from
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -126,7 +127,13 @@ class DecodePlan:
             raise ConfigError(f"skip_zeros needs a ReLU MLP (its exact zeros); this model's activation is {act_name}")
         layers = [cls._layer(model, smap, i, acts[i], dense, zero_skip) for i in range(smap.num_layers)]
         return cls(model, smap, fmt, act_name, layers, n_heads, cfg.num_key_value_heads or n_heads, head_dim,
-                   cfg.hidden_size, float(cfg.rms_norm_eps), float(getattr(attn, "scaling", head_dim ** -0.5)), dense)
+                   cfg.hidden_size, float(cfg.rms_norm_eps), float(getattr(attn, "scaling", head_dim ** -0.5)), dense,
+                   {} if dense else dict(iter_sparse_modules(model)))
+
+    def model_matches(self) -> bool:
+        """True while the model's sparse modules are the very ones this plan was read from (so
+        the model's own forward computes what the plan does)."""
+        return dict(iter_sparse_modules(self.model)) == self.sparse_modules
 
     @staticmethod
     def _layer(model, smap: SiteMap, li: int, act, dense: bool, zero_skip: bool) -> LayerPlan:

@@ -198,7 +198,8 @@ def _converted_gguf_dir(gguf: Path, cache_name: str | None = None) -> Path:
 
 
 def weights_identity(model: nn.Module) -> dict:
-    """Architecture and a hash of parameter names and shapes: what a saved plan must match."""
+    """Architecture, a hash of parameter names and shapes, and a fingerprint of the weight
+    values: what a saved plan (or profile) must match."""
     h = hashlib.sha256()
     for name, p in model.state_dict().items():
         h.update(f"{name}:{tuple(p.shape)};".encode())
@@ -208,4 +209,25 @@ def weights_identity(model: nn.Module) -> dict:
         "model_type": getattr(config, "model_type", None),
         "shape_hash": h.hexdigest()[:16],
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "weights_fingerprint": weights_fingerprint(model),
     }
+
+
+FINGERPRINT_SAMPLES = 64
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> str:
+    """A hash of ``FINGERPRINT_SAMPLES`` evenly spaced values of every parameter, rounded to
+    bf16: the same for the fp32 and bf16 copies of one set of weights, different for other
+    weights of the same shapes (thresholds calibrated on one set do not fit another)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        n = min(FINGERPRINT_SAMPLES, flat.numel())
+        idx = torch.linspace(0, flat.numel() - 1, n, dtype=torch.float64).round().long()
+        values = flat[idx.to(flat.device)].to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(name.encode() + values.numpy().tobytes())
+    return h.hexdigest()[:16]

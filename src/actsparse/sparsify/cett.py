@@ -16,6 +16,7 @@ import torch
 
 from actsparse.errors import ConfigError
 from actsparse.sparsify.calibration import Request
+from actsparse.sparsify.modules import out_in_weight
 from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 
@@ -112,7 +113,7 @@ class _CETTHandler(Handler):
             path = t.path(layer, "mlp.down")
             if t.sparsity(path, 0.0) is None:
                 continue
-            w = t.module(path).weight
+            w = out_in_weight(t.module(path))
             tau, _reached = threshold_for_cett(stats[f"{path}:sample"], w, t.config.cett, dtype=torch.float32)
             out.append(Assignment(path, "linear", "mlp.down:input", threshold=neuron_thresholds(tau, w),
                                   skips=(path,), target=None))

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from actsparse.errors import ConfigError
@@ -99,6 +99,7 @@ class SparseModule(nn.Module):
             else:
                 self.threshold = t
         self.counting = True
+        self.bypass = False
         self.zeros = 0
         self.entries = 0
         self._token_mask: MaskTracker | None = None  # set by install: the root forward's attention mask
@@ -143,33 +144,75 @@ class SparseModule(nn.Module):
         return f"threshold={self.threshold:.4g}"
 
 
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's linears: the transposed weight)."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear``, a ``Conv1D`` or a :class:`MaskedLinear`."""
+    if isinstance(module, (nn.Linear, MaskedLinear)):
+        return module.in_features, module.out_features
+    if is_linear(module):  # Conv1D: weight (in, out)
+        return tuple(module.weight.shape)
+    raise TypeError(f"expected a linear layer (nn.Linear or Conv1D), got {type(module).__name__}")
+
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whichever way the layer stores it."""
+    lin = module.linear if isinstance(module, MaskedLinear) else module
+    if isinstance(lin, nn.Linear):
+        return lin.weight
+    if is_linear(lin):
+        return lin.weight.t()
+    raise TypeError(f"expected a linear layer (nn.Linear or Conv1D), got {type(lin).__name__}")
+
+
+def in_out_weight(module: nn.Module) -> torch.Tensor:
+    """A contiguous (in_features, out_features) copy or view of the weight: the layout of the
+    input-sparse kernels (each input channel's weights are one contiguous row)."""
+    return out_in_weight(module).detach().t().contiguous()
+
+
 class MaskedLinear(SparseModule):
-    """``linear(x * keep(x))``: the wrapped ``nn.Linear`` on its masked input.
+    """``linear(x * keep(x))``: the wrapped linear (``nn.Linear`` or GPT-2's ``Conv1D``) on its
+    masked input.
 
     Attributes a kernel needs: ``linear`` (the original module; ``weight`` and ``bias`` are
     its very Parameters), ``threshold`` (float, or fp32 tensor of ``in_features`` for
     per-channel thresholds; None in top-k mode), ``mode`` ("threshold" or "topk"), ``k``.
+    ``bypass``: when True (see :func:`dense_forward`) the module is the dense linear.
     """
 
-    def __init__(self, linear: nn.Linear, threshold=None, *, mode: str = "threshold", k: int | None = None,
+    def __init__(self, linear: nn.Module, threshold=None, *, mode: str = "threshold", k: int | None = None,
                  site_kind: str | None = None, skips: tuple[str, ...] = ()):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"MaskedLinear wraps an nn.Linear, got {type(linear).__name__}")
+        if not is_linear(linear):
+            raise TypeError(f"MaskedLinear wraps an nn.Linear or Conv1D, got {type(linear).__name__}")
         # keep the original module without registering it, so parameter names stay
         # "<path>.weight" (state_dict and weights_identity unchanged) and the weight is shared
         object.__setattr__(self, "linear", linear)
         self.weight = linear.weight
         self.bias = linear.bias
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self._init_sparse(linear.in_features, threshold, mode, k, site_kind, skips)
+        self.in_features, self.out_features = linear_features(linear)
+        self._init_sparse(self.in_features, threshold, mode, k, site_kind, skips)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.linear(x)
         keep = self.keep_mask(x)
         if self.counting:
             self._count(keep)
-        return F.linear(x * keep, self.weight, self.bias)
+        return self.linear(x * keep)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self._extra()}"
@@ -193,6 +236,8 @@ class ThresholdedActivation(SparseModule):
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         a = self.act(g)
+        if self.bypass:
+            return a
         keep = self.keep_mask(a)
         if self.counting:
             self._count(keep)
@@ -213,6 +258,21 @@ def activation_name(act: nn.Module) -> str:
     if "relu" in name:
         return "relu"
     return type(act).__name__
+
+
+@contextmanager
+def dense_forward(model: nn.Module):
+    """Within the block, every sparse module of ``model`` computes its dense original (no
+    masking, no counting): the dense baseline on a sparsified model, e.g. a dense prefill."""
+    modules = [m for _, m in iter_sparse_modules(model)]
+    before = [m.bypass for m in modules]
+    for m in modules:
+        m.bypass = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(modules, before):
+            m.bypass = b
 
 
 def iter_sparse_modules(model: nn.Module) -> Iterator[tuple[str, SparseModule]]:

@@ -99,16 +99,26 @@ def read_plan(path: str | Path):
     return config, doc["model"], assignments, doc
 
 
-def check_identity(expected: dict, actual: dict, where: str = "the plan") -> None:
+def check_identity(expected: dict, actual: dict, where: str = "the plan", *, check_weights: bool = True) -> None:
+    """Refuse a plan (or profile) made for another model: another architecture or shapes, or,
+    with ``check_weights``, other weight values of the same shapes (older plans carry no
+    fingerprint and are matched by shape only)."""
     diffs = [f"{k}: plan {expected.get(k)!r} vs model {actual.get(k)!r}"
              for k in ("class", "model_type", "shape_hash", "num_parameters")
              if k in expected and expected.get(k) != actual.get(k)]
     if diffs:
         raise ConfigError(f"{where} was made for another model ({'; '.join(diffs)})")
+    fp, fa = expected.get("weights_fingerprint"), actual.get("weights_fingerprint")
+    if check_weights and fp and fa and fp != fa:
+        raise ConfigError(
+            f"{where} was calibrated on other weights of the same architecture (weights fingerprint "
+            f"{fp} vs this model's {fa}): its thresholds would not give the planned sparsity. Calibrate "
+            "a plan on this model, or load it anyway with check_weights=False (CLI: --ignore-plan-weights)")
 
 
-def load_plan(model: nn.Module, path: str | Path) -> None:
-    """Apply the plan in ``path`` to ``model`` in place (desparsifying it first if needed)."""
+def load_plan(model: nn.Module, path: str | Path, *, check_weights: bool = True) -> None:
+    """Apply the plan in ``path`` to ``model`` in place (desparsifying it first if needed).
+    ``check_weights=False`` loads a plan made on other weights of the same shapes."""
     from actsparse.models.loading import weights_identity
     from actsparse.sparsify.api import desparsify_, install, is_sparsified
 
@@ -116,5 +126,5 @@ def load_plan(model: nn.Module, path: str | Path) -> None:
     if is_sparsified(model):
         desparsify_(model)
     actual = weights_identity(model)
-    check_identity(identity, actual, f"plan {path}")
+    check_identity(identity, actual, f"plan {path}", check_weights=check_weights)
     install(model, config, assignments, identity=actual)

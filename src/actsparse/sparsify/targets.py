@@ -14,6 +14,7 @@ from torch import nn
 
 from actsparse.errors import ConfigError
 from actsparse.models.sitemaps import SiteMap, site_map
+from actsparse.sparsify.modules import linear_features
 
 
 def matches(pattern: str, path: str) -> bool:
@@ -67,15 +68,18 @@ class Target:
         return self.model.get_submodule(path)
 
     def in_features(self, layer: int, role: str) -> int:
-        return self.module(self.path(layer, role)).in_features
+        return linear_features(self.module(self.path(layer, role)))[0]
 
     def input_source(self, role: str) -> str | None:
-        """The mapped role whose input is the input ``role`` names: itself, or for
-        ``mlp.gate`` in an MLP without a gate, ``mlp.up`` (the MLP input); None if absent."""
+        """The mapped role whose input is the input ``role`` names: itself; for ``mlp.gate`` in an
+        MLP without a gate, ``mlp.up`` (the MLP input); for ``attn.q`` in a block with one fused
+        q/k/v projection, ``attn.qkv``; None if absent."""
         if role in self.smap.roles:
             return self.smap.input_source(role)
         if role == "mlp.gate" and not self.smap.gated and "mlp.up" in self.smap.roles:
             return "mlp.up"
+        if role == "attn.q" and "attn.qkv" in self.smap.roles:  # one fused q/k/v projection (GPT-2)
+            return "attn.qkv"
         return None
 
     def readers(self, role: str) -> tuple[str, ...]:

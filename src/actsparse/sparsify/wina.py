@@ -12,6 +12,7 @@ import torch
 
 from actsparse.errors import ConfigError
 from actsparse.sparsify.calibration import Request, quantile_threshold
+from actsparse.sparsify.modules import out_in_weight
 from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
@@ -56,7 +57,7 @@ class _WINAHandler(Handler):
             for role in t.config.kinds:
                 if t.has(role):
                     path = t.path(layer, role)
-                    reqs.append(Request(f"{path}:wina", path, "input", scale=column_norms(t.module(path).weight)))
+                    reqs.append(Request(f"{path}:wina", path, "input", scale=column_norms(out_in_weight(t.module(path)))))
         return reqs
 
     def assign(self, t, stats):
@@ -70,6 +71,6 @@ class _WINAHandler(Handler):
                 if s is None:
                     continue
                 T = quantile_threshold(stats[f"{path}:wina"], s)
-                thr = score_thresholds(T, column_norms(t.module(path).weight))
+                thr = score_thresholds(T, column_norms(out_in_weight(t.module(path))))
                 out.append(Assignment(path, "linear", f"{role}:input", threshold=thr, skips=(path,), target=s))
         return out
