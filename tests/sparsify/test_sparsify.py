@@ -241,3 +241,25 @@ def test_plan_strict_and_nan(tiny_stats, tmp_path):
     with pytest.raises(ConfigError, match="not a number"):
         load_plan(model, tmp_path / "plan")
     assert not any(True for _ in iter_sparse_modules(model))
+
+
+def _poisoned(seed=0):
+    """A tiny model whose layer-0 MLP produces inf (one down_proj weight is inf)."""
+    model = tiny_llama(seed=seed)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize("cfg", [CETT(cett=0.2, sample_tokens=256), TopK(sparsity=0.5), TEAL(sparsity=0.5)],
+                         ids=lambda c: c.METHOD)
+def test_non_finite_activations_fail_calibration_naming_the_site(cfg):
+    """Issue: CETT (row samples) and Top-K (no statistics) plans were calibrated on NaN/inf
+    activations without a word."""
+    with pytest.raises(DataError, match=r"at model\.layers\.\d.*NaN/inf values"):
+        sparsify_(_poisoned(), cfg, calibration=random_windows())
+
+
+def test_non_finite_perplexity_is_an_error():
+    with pytest.raises(DataError, match="not a number"):
+        perplexity(_poisoned(), random_windows(n=2))

@@ -138,6 +138,9 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     if count == 0:
         raise DataError("no tokens were scored")
     nll = nll_sum / count
+    if not math.isfinite(nll):
+        raise DataError(f"the perplexity is not a number (mean NLL {nll}): the model produced NaN/inf logits on "
+                        f"{source}/{split_name}; check its weights and dtype (fp16/bf16 overflow?)")
     result = PerplexityResult(math.exp(nll), nll, count, n_windows, window, stride, str(source), split_name,
                               batch_size, seconds)
     if sparse:

@@ -81,7 +81,7 @@ def calibrate(model: nn.Module, configs, calibration, *, stats=None, batch_size:
         raise StateError("calibrate a dense model: call desparsify_(model) first")
     reqs = required_stats(model, configs)
     out = calib.collect(model, calibration, reqs, batch_size=batch_size, progress=progress, have=_as_stats(stats))
-    calib.check_enough(out, [r.key for r in reqs])
+    calib.check_enough(out, reqs)
     return out
 
 
@@ -94,14 +94,14 @@ def plan_assignments(model: nn.Module, config: SparsityConfig, stats=None, calib
     handler = handler_for(config)
     stats = _as_stats(stats)
     reqs = handler.requests(target)
-    missing = [r for r in reqs if r.key not in stats]
-    if missing:
-        if calibration is None:
-            raise DataError(
-                f"{type(config).__name__} needs calibration statistics that were not given "
-                f"(e.g. {missing[0].key}); pass calibration=Windows(...) or stats from calibrate()/profile()")
+    missing = [r for r in reqs if r.key not in stats and r.required]
+    if missing and calibration is None:
+        raise DataError(
+            f"{type(config).__name__} needs calibration statistics that were not given "
+            f"(e.g. {missing[0].key}); pass calibration=Windows(...) or stats from calibrate()/profile()")
+    if calibration is not None and any(r.key not in stats for r in reqs):
         stats = calibrate(model, config, calibration, stats=stats, batch_size=batch_size, progress=progress)
-    calib.check_enough(stats, [r.key for r in reqs])
+    calib.check_enough(stats, reqs)
     return handler.assign(target, stats)
 
 

@@ -31,6 +31,7 @@ class Request:
     scale: torch.Tensor | None = field(default=None, compare=False)  # per-channel factor: score = |v| * scale
     scale_from: str | None = None  # key of a SiteStats whose per-neuron E|v| is the scale (2nd pass)
     sample_rows: int = 0  # >0: keep up to this many raw rows (tokens) instead of a histogram
+    required: bool = True  # False: only a check of the activations (no threshold reads it), made when data is given
 
     def probe(self, scale: torch.Tensor | None) -> Probe:
         site = Site(self.module_path, self.io)
@@ -77,14 +78,19 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
     return out
 
 
-def check_enough(stats: dict, keys, minimum: int = MIN_CALIBRATION_TOKENS) -> None:
-    for key in keys:
-        v = stats[key]
+def check_enough(stats: dict, requests: list[Request], minimum: int = MIN_CALIBRATION_TOKENS) -> None:
+    """Refuse statistics that cannot give thresholds: too few tokens at a site a threshold reads,
+    or non-finite activations at any requested site (counted in histograms, found in samples)."""
+    for r in requests:
+        v = stats.get(r.key)
+        if v is None:
+            continue  # an optional check that had no data to run on
         rows = v.rows if isinstance(v, SiteStats) else int(v.shape[0])
-        if rows < minimum:
+        if r.required and rows < minimum:
             raise DataError(
-                f"too little calibration data: {rows} tokens reached {key}; the histograms need at least "
+                f"too little calibration data: {rows} tokens reached {r.key}; the histograms need at least "
                 f"{minimum} tokens per site (pass more calibration tokens)")
-        if isinstance(v, SiteStats) and v.nonfinite:
-            raise DataError(f"calibration statistics at {key} hold {v.nonfinite} NaN/inf values; thresholds "
-                            f"would be meaningless (check the model and its dtype)")
+        bad = v.nonfinite if isinstance(v, SiteStats) else int((~torch.isfinite(v)).sum())
+        if bad:
+            raise DataError(f"the calibration activations at {r.key} hold {bad} NaN/inf values; thresholds "
+                            f"would be meaningless (check the model's weights and its dtype: fp16/bf16 overflow?)")

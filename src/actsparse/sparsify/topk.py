@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actsparse.errors import ConfigError
+from actsparse.sparsify.calibration import Request
 from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
 SITES = ("mlp.act", "mlp.down:input")
@@ -36,8 +37,14 @@ def keep_count(width: int, sparsity: float) -> int:
 @register_handler(TopK)
 class _TopKHandler(Handler):
     def requests(self, t):
+        """None that a threshold reads (k is fixed); with calibration data, the activations of the
+        site are still checked for NaN/inf."""
         t.require("mlp.act", "mlp.down")
-        return []
+        if t.config.site == "mlp.act":
+            return [Request(f"{t.path(i, 'mlp.act')}:output", t.path(i, "mlp.act"), "output", required=False)
+                    for i in t.layers]
+        return [Request(f"{t.path(i, 'mlp.down')}:input", t.path(i, "mlp.down"), "input", required=False)
+                for i in t.layers]
 
     def assign(self, t, stats):
         out = []
