@@ -46,7 +46,7 @@ def test_kernel_arguments_are_grouped_and_tagged(dtype, fmt):
     n = plan.num_layers * len(Role)
     assert len(args.weights.w) == len(args.weights.wt) == len(args.tests.thr) == n
     assert args.weights.wt[0].dtype == (np.uint16 if dtype == torch.bfloat16 else np.float32)
-    assert args.rope.cos.shape == (8, plan.head_dim) and args.attn.n_heads == 6
+    assert args.rope.cos.shape == (1, 8, plan.head_dim) and args.attn.n_heads == 6 and (args.attn.window == 0).all()
     masked = [m.weight for m in model.modules() if isinstance(m, MaskedLinear)]
     assert len(masked) == n and copy_bytes == sum(w.numel() * w.element_size() for w in masked)
 

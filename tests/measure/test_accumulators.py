@@ -151,3 +151,27 @@ def test_fused_numba_equals_torch_reference(b, t, w, seed, bad, thr):
             torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-5, msg=k)
         else:
             assert torch.equal(got, v), k
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_light_update_numba_equals_torch_reference(scaled):
+    """The fused light pass (calibration) reads the (batch, time, width) tensor in place; it must
+    give the torch path's counts and histogram exactly, and its |v| sums to rounding."""
+    from actsparse.numba_backend import numba_enabled
+
+    if not numba_enabled():
+        pytest.skip("numba disabled")
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(3, 50, 300, generator=g) * torch.rand(300, generator=g) * 4
+    v[v.abs() < 0.3] = 0
+    v[0, 3, 7], v[2, 10, 299], v[1, 0, 0] = float("nan"), float("inf"), -float("inf")
+    valid = torch.rand(3, 50, generator=g) > 0.2
+    scale = torch.rand(300, generator=g) * 3 if scaled else None
+    a, b = SiteStats(300), SiteStats(300)
+    a.update_light(v, valid, scale=scale, backend="numba")
+    b.update_light(v, valid, scale=scale, backend="torch")
+    for name in ("count", "nonzero", "hist"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.rows, a.nonfinite) == (b.rows, b.nonfinite) and a.nonfinite == 3
+    torch.testing.assert_close(a.abs_sum, b.abs_sum, rtol=1e-6, atol=1e-9)
+    assert a.abs_quantile(0.5) == b.abs_quantile(0.5)

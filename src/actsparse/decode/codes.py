@@ -38,9 +38,12 @@ class Mode(IntEnum):
 Weights = namedtuple("Weights", "fmt w wt bias")  # fmt (L, 7) int64; w, wt, bias: typed lists (layer * 7 + role)
 Tests = namedtuple("Tests", "mode thr stride k")  # per-linear input tests: mode/stride/k (L, 7) int64; thr list
 ActTests = namedtuple("ActTests", "code mode thr stride k")  # MLP activation code; its per-layer test
-Norms = namedtuple("Norms", "attn mlp final eps")  # (L, D) RMSNorm gains before attention / MLP; final; eps
-AttentionShape = namedtuple("AttentionShape", "n_heads n_kv head_dim scale")
-Rope = namedtuple("Rope", "cos sin")  # (positions, head_dim) tables
-Embeddings = namedtuple("Embeddings", "embed lm_head")
+# RMSNorm gains (offset + weight): (L, D) before attention / the MLP, after them (sandwich norms;
+# (0, 0) when absent), (L, head_dim) per query / key head ((0, 0) when absent); final (D,); eps
+Norms = namedtuple("Norms", "attn mlp attn_out mlp_out q k final eps")
+# softcap: tanh soft-capping of the scaled scores (0: none); window: (L,) sliding window (0: none)
+AttentionShape = namedtuple("AttentionShape", "n_heads n_kv head_dim scale softcap window")
+Rope = namedtuple("Rope", "cos sin index")  # (tables, positions, rotary dims); index: (L,) table per layer
+Embeddings = namedtuple("Embeddings", "embed lm_head scale softcap")  # embedding scale; final-logit softcap
 StepArgs = namedtuple("StepArgs", "weights tests act norms attn rope emb")
 KVCache = namedtuple("KVCache", "k v")  # (L, n_kv, max_len, head_dim) fp32 each

@@ -5,17 +5,26 @@ site map, never through hard-coded module names, and decides per layer:
 
 * for each linear (:class:`Role`), its :class:`Mode`: dense on the model's own weight
   (no copy), input-sparse (threshold or top-k) on a transposed copy, or computed together
-  with the linear it shares an input test with (``FUSED``: k and v with q, up with gate);
+  with the linear it shares an input test with (``FUSED``: k and v with q, up with gate).
+  A fused projection of the model (Phi-3's ``qkv_proj``, ``gate_up_proj``) gives each role
+  its rows of the one weight (views, no copy);
 * the MLP activation site's test (CATS / CHESS / Top-K thresholds, a ReLU model's exact
   zeros, or none), after which only the kept rows of up and down are read;
-* the weight format of every matrix (:class:`~actsparse.kernels.formats.WeightFormat`).
+* the weight format of every matrix (:class:`~actsparse.kernels.formats.WeightFormat`);
+* the architecture's pieces (:class:`Architecture`): norm gains (``1 + w`` for Gemma), sandwich
+  norms around each sublayer, per-head q/k norms, sliding-window layers, one RoPE table per
+  layer type, partial rotary dimensions, attention and final-logit soft-capping, the
+  embedding scale.
 
 :meth:`DecodePlan.kernel_args` turns it into the grouped arguments of
-:func:`actsparse.decode.step.decode_token` (weights, input tests, activation tests, norms,
-attention shape, RoPE tables, embeddings). Host and kernel share the enums' values.
+:func:`actsparse.decode.step.decode_token`. Host and kernel share the enums' values.
+Features the step does not implement are refused up front (:func:`check_model`), never
+decoded wrongly.
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +32,7 @@ import torch
 from torch import nn
 
 from actsparse.decode import codes as K
+from actsparse.decode.accelerate import ZeroSkipLinear
 from actsparse.decode.codes import FUSED_GROUPS, ROLE_NAMES, SITE_ROLE, Mode, Role
 from actsparse.errors import ConfigError, UnsupportedError
 from actsparse.kernels.formats import WeightFormat, empty_weights, numpy_view, weight_format
@@ -30,8 +40,14 @@ from actsparse.kernels.reference import ACT_CODES
 from actsparse.models.sitemaps import SiteMap, site_map
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name, iter_sparse_modules
 
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# model types whose decoder the compiled step implements
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3")
+# RoPE variants whose tables depend only on the position (HF computes them once); "dynamic" and
+# "longrope" rescale with the current sequence length, which a table over max_len cannot follow
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# roles of a model's fused projections: the kernel role -> (fused site role, which part)
+FUSED_SOURCES = {Role.Q: ("attn.qkv", 0), Role.K: ("attn.qkv", 1), Role.V: ("attn.qkv", 2),
+                 Role.GATE: ("mlp.gate_up", 0), Role.UP: ("mlp.gate_up", 1)}
 
 
 @dataclass
@@ -67,14 +83,29 @@ class InputTest:
 class LinearPlan:
     role: Role
     path: str
-    linear: nn.Linear  # the model's own module (its weight memory is read for dense rows)
+    linear: nn.Module  # the model's own nn.Linear (its weight memory is read for dense rows)
     test: InputTest
     mode: Mode = Mode.DENSE
     group: tuple[Role, ...] = ()  # roles computed in this linear's GEMV (itself first)
+    rows: slice | None = None  # this role's rows of a fused projection's weight
 
     @property
     def sparse(self) -> bool:
         return self.mode in (Mode.THRESHOLD, Mode.TOPK)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.linear.weight.detach()
+        return w if self.rows is None else w[self.rows]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.linear.bias
+        return None if b is None else (b.detach() if self.rows is None else b.detach()[self.rows])
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.weight.shape[1]
 
 
 @dataclass
@@ -82,8 +113,21 @@ class LayerPlan:
     index: int
     linears: dict[Role, LinearPlan]
     act: InputTest
-    norm_attn: np.ndarray
-    norm_mlp: np.ndarray
+    norms: dict[str, np.ndarray]  # "norm.attn", "norm.mlp" (+ "norm.attn_out", "norm.mlp_out", "norm.q", "norm.k")
+    window: int  # sliding-window length of this layer's attention (0: every position)
+    rope_table: int  # which RoPE table this layer uses
+
+
+@dataclass
+class Architecture:
+    """The architecture-level pieces the step needs beyond the block's linears."""
+
+    norm_offset: float  # a norm's gain is offset + weight
+    eps: float
+    embed_scale: float  # the embedding is multiplied by this (Gemma: sqrt(hidden))
+    attn_softcap: float  # tanh soft-capping of attention scores (0: none)
+    final_softcap: float  # of the final logits (0: none)
+    rope_types: tuple[str, ...]  # the layer types with a RoPE table of their own ("" for one table)
 
 
 @dataclass
@@ -95,11 +139,11 @@ class DecodePlan:
     fmt: WeightFormat
     act_name: str
     layers: list[LayerPlan]
+    arch: Architecture
     n_heads: int
     n_kv: int
     head_dim: int
     hidden: int
-    eps: float
     scale: float
     dense: bool
     sparse_modules: dict = field(default_factory=dict)  # path -> the sparse module the plan was read from
@@ -112,9 +156,10 @@ class DecodePlan:
         and down whose activation is non-zero."""
         cfg, fmt = check_model(model)
         smap = site_map(model, warn=False)
-        attn = model.get_submodule(smap.module_path(0, "attn.q").rpartition(".")[0])
         n_heads = cfg.num_attention_heads
+        n_kv = cfg.num_key_value_heads or n_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        attn = [model.get_submodule(smap.module_path(i, "attn.o").rpartition(".")[0]) for i in range(smap.num_layers)]
         acts = [model.get_submodule(smap.module_path(i, "mlp.act")) for i in range(smap.num_layers)]
         names = {a.act_name if isinstance(a, ThresholdedActivation) else activation_name(a) for a in acts}
         if len(names) != 1 or next(iter(names)) not in ACT_CODES:
@@ -125,18 +170,21 @@ class DecodePlan:
         zero_skip = (skip_zeros if skip_zeros is not None else relu) and not dense
         if zero_skip and not relu:
             raise ConfigError(f"skip_zeros needs a ReLU MLP (its exact zeros); this model's activation is {act_name}")
-        layers = [cls._layer(model, smap, i, acts[i], dense, zero_skip) for i in range(smap.num_layers)]
-        return cls(model, smap, fmt, act_name, layers, n_heads, cfg.num_key_value_heads or n_heads, head_dim,
-                   cfg.hidden_size, float(cfg.rms_norm_eps), float(getattr(attn, "scaling", head_dim ** -0.5)), dense,
-                   {} if dense else dict(iter_sparse_modules(model)))
-
-    def model_matches(self) -> bool:
-        """True while the model's sparse modules are the very ones this plan was read from (so
-        the model's own forward computes what the plan does)."""
-        return dict(iter_sparse_modules(self.model)) == self.sparse_modules
+        arch = _architecture(model, cfg, smap, attn)
+        sizes = {"attn.qkv": (n_heads * head_dim, n_kv * head_dim, n_kv * head_dim)}
+        layers = []
+        for i in range(smap.num_layers):
+            sizes["mlp.gate_up"] = (_down_width(model, smap, i),) * 2
+            layers.append(cls._layer(model, smap, i, acts[i], attn[i], cfg, arch, sizes, dense, zero_skip))
+        scales = {float(getattr(a, "scaling", head_dim ** -0.5)) for a in attn}
+        if len(scales) != 1:
+            raise UnsupportedError(f"attention scales differ between layers ({sorted(scales)}); FastDecoder uses one")
+        return cls(model, smap, fmt, act_name, layers, arch, n_heads, n_kv, head_dim, cfg.hidden_size,
+                   scales.pop(), dense, {} if dense else dict(iter_sparse_modules(model)))
 
     @staticmethod
-    def _layer(model, smap: SiteMap, li: int, act, dense: bool, zero_skip: bool) -> LayerPlan:
+    def _layer(model, smap: SiteMap, li: int, act, attn, cfg, arch: Architecture, sizes: dict, dense: bool,
+               zero_skip: bool) -> LayerPlan:
         if isinstance(act, ThresholdedActivation) and not dense:
             act_test = InputTest.of(act)
         elif zero_skip:
@@ -145,9 +193,14 @@ class DecodePlan:
             act_test = InputTest()
         linears = {}
         for role in Role:
-            path = smap.module_path(li, SITE_ROLE[role])
+            site_role, rows = SITE_ROLE[role], None
+            if site_role not in smap.roles:
+                site_role, part = FUSED_SOURCES[role]
+                cuts = np.cumsum((0,) + sizes[site_role])
+                rows = slice(int(cuts[part]), int(cuts[part + 1]))
+            path = smap.module_path(li, site_role)
             mod = model.get_submodule(path)
-            lin = mod.linear if isinstance(mod, MaskedLinear) else mod
+            lin = mod.linear if isinstance(mod, (MaskedLinear, ZeroSkipLinear)) else mod
             if not isinstance(lin, nn.Linear):
                 raise UnsupportedError(f"{path} is a {type(lin).__name__}; FastDecoder needs nn.Linear")
             if isinstance(mod, MaskedLinear) and not dense:
@@ -156,12 +209,15 @@ class DecodePlan:
                 test = InputTest.zeros()  # the masked neurons are exact zeros: skip their rows
             else:
                 test = InputTest()
-            linears[role] = LinearPlan(role, path, lin, test, test.mode, (role,))
+            linears[role] = LinearPlan(role, path, lin, test, test.mode, (role,), rows)
         _fuse(linears, Role.Q)
         if act_test.mode == Mode.DENSE:
             _fuse(linears, Role.GATE)
-        norm = lambda r: model.get_submodule(smap.module_path(li, r)).weight.detach().float().numpy()  # noqa: E731
-        return LayerPlan(li, linears, act_test, norm("norm.attn"), norm("norm.mlp"))
+        norms = {r: _gain(model.get_submodule(smap.module_path(li, r)), arch.norm_offset) for r in smap.norms}
+        window = _window(attn, cfg)
+        layer_type = (getattr(cfg, "layer_types", None) or [""] * smap.num_layers)[li]
+        table = arch.rope_types.index(layer_type) if layer_type in arch.rope_types else 0
+        return LayerPlan(li, linears, act_test, norms, window, table)
 
     # -------------------------------------------------------------- views
     @property
@@ -178,7 +234,7 @@ class DecodePlan:
     def widths(self) -> np.ndarray:
         """Input width of each role, then the MLP width (for the sparsity counters)."""
         lin = self.layers[0].linears
-        return np.array([lin[r].linear.in_features for r in Role] + [lin[Role.DOWN].linear.in_features], np.int64)
+        return np.array([lin[r].in_features for r in Role] + [lin[Role.DOWN].in_features], np.int64)
 
     def sparse_roles(self) -> dict[str, int]:
         """Number of layers in which each linear reads a sparse input (and the MLP site)."""
@@ -189,8 +245,13 @@ class DecodePlan:
 
     def weight_bytes(self) -> dict:
         """Bytes read per decoded token by part: block linears per role, and the lm_head."""
-        per_role = {n: sum(_nbytes(l.linears[r].linear.weight) for l in self.layers) for r, n in zip(Role, ROLE_NAMES)}
+        per_role = {n: sum(_nbytes(l.linears[r].weight) for l in self.layers) for r, n in zip(Role, ROLE_NAMES)}
         return {"roles": per_role, "lm_head": _nbytes(self.model.get_output_embeddings().weight)}
+
+    def model_matches(self) -> bool:
+        """True while the model's sparse modules are the very ones this plan was read from (so
+        the model's own forward computes what the plan does)."""
+        return dict(iter_sparse_modules(self.model)) == self.sparse_modules
 
     # -------------------------------------------------------------- kernel arguments
     def kernel_args(self, max_len: int):
@@ -218,29 +279,30 @@ class DecodePlan:
                     wt.append(empty_w)
                     bias.append(empty_f)
                     continue
-                lins = [layer.linears[g].linear for g in lp.group]
+                members = [layer.linears[g] for g in lp.group]
                 if lp.mode == Mode.DENSE:
-                    weight = lp.linear.weight.detach()
+                    weight = lp.weight
                     if not weight.is_contiguous():
                         raise UnsupportedError(f"{lp.path}: weight is not contiguous")
                     keep.append(weight)
                     w.append(numpy_view(weight))
                     wt.append(empty_w)
                 else:
-                    t = torch.cat([m.weight.detach() for m in lins]).t().contiguous()
+                    t = torch.cat([m.weight for m in members]).t().contiguous()
                     keep.append(t)
                     copy_bytes += _nbytes(t)
-                    w.append(numpy_view(lp.linear.weight) if role == Role.UP else empty_w)  # up rows of kept neurons
+                    w.append(numpy_view(lp.weight) if role == Role.UP else empty_w)  # up rows of kept neurons
                     wt.append(numpy_view(t))
-                bias.append(_bias(lins))
+                bias.append(_bias(members))
         a_thr = List()
         for layer in self.layers:
             a_thr.append(layer.act.threshold)
         act = K.ActTests(ACT_CODES[self.act_name], self.act_modes(),
                          a_thr, np.array([l.act.stride for l in self.layers], np.int64),
                          np.array([l.act.k for l in self.layers], np.int64))
-        norms = K.Norms(np.stack([l.norm_attn for l in self.layers]), np.stack([l.norm_mlp for l in self.layers]),
-                        self._final_norm(), float(self.eps))
+        norms = K.Norms(*(self._norm_table(r) for r in ("norm.attn", "norm.mlp", "norm.attn_out", "norm.mlp_out",
+                                                          "norm.q", "norm.k")),
+                        self._final_norm(), float(self.arch.eps))
         emb = self.model.get_input_embeddings().weight.detach()
         head = self.model.get_output_embeddings().weight.detach()
         keep += [emb, head]
@@ -249,34 +311,54 @@ class DecodePlan:
             weights=K.Weights(fmts, w, wt, bias),
             tests=K.Tests(modes, thr, strides, ks),
             act=act, norms=norms,
-            attn=K.AttentionShape(self.n_heads, self.n_kv, self.head_dim, np.float32(self.scale)),
-            rope=K.Rope(cos, sin),
-            emb=K.Embeddings(numpy_view(emb), numpy_view(head)),
+            attn=K.AttentionShape(self.n_heads, self.n_kv, self.head_dim, np.float32(self.scale),
+                                  np.float32(self.arch.attn_softcap),
+                                  np.array([l.window for l in self.layers], np.int64)),
+            rope=K.Rope(cos, sin, np.array([l.rope_table for l in self.layers], np.int64)),
+            emb=K.Embeddings(numpy_view(emb), numpy_view(head), np.float32(self.arch.embed_scale),
+                             np.float32(self.arch.final_softcap)),
         )
         return args, keep, copy_bytes
 
+    def _norm_table(self, role: str) -> np.ndarray:
+        """(layers, width) gains of one norm role; (0, 0) when the architecture has none."""
+        if role not in self.layers[0].norms:
+            return np.empty((0, 0), np.float32)
+        return np.ascontiguousarray(np.stack([l.norms[role] for l in self.layers]))
+
     def _final_norm(self) -> np.ndarray:
-        path = self.smap.part_path("final_norm")
-        return self.model.get_submodule(path).weight.detach().float().contiguous().numpy()
+        module = self.model.get_submodule(self.smap.part_path("final_norm"))
+        return np.ascontiguousarray(_gain(module, self.arch.norm_offset))
 
     def _rope(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tables, max_len, rotary dims) cos and sin, one table per RoPE layer type."""
         rotary = self.model.get_submodule(self.smap.part_path("rotary"))
         with torch.no_grad():
             pos = torch.arange(max_len)[None]
             probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
-            cos, sin = rotary(probe, pos)
-        return cos[0].float().contiguous().numpy(), sin[0].float().contiguous().numpy()
+            tables = [rotary(probe, pos, t) if t else rotary(probe, pos) for t in self.arch.rope_types]
+        cos = np.stack([c[0].float().numpy() for c, _ in tables])
+        sin = np.stack([s[0].float().numpy() for _, s in tables])
+        return np.ascontiguousarray(cos), np.ascontiguousarray(sin)
 
 
 def check_model(model: nn.Module):
-    """The config and weight format of a model FastDecoder can run; a clear refusal otherwise."""
+    """The config and weight format of a model FastDecoder can run; a clear refusal naming what
+    is missing otherwise."""
     cfg = getattr(model, "config", None)
     mtype = getattr(cfg, "model_type", None)
     smap = site_map(model, warn=False)
-    if mtype not in SUPPORTED_TYPES or smap.family != "llama" or not smap.part_path("rotary"):
+    if smap.family == "generic":
         raise UnsupportedError(
-            f"FastDecoder supports LLaMA-style models ({', '.join(SUPPORTED_TYPES)}), not {mtype!r}; "
-            "use accelerate_(model) and model.generate for other mapped architectures")
+            f"FastDecoder needs an architecture site map; {type(model).__name__} (model_type {mtype!r}) has none. "
+            "Decode it with model.generate (actsparse generate --engine hf)")
+    if mtype not in SUPPORTED_TYPES or not smap.part_path("rotary") or "norm.attn" not in smap.norms:
+        raise UnsupportedError(
+            f"FastDecoder runs pre-norm RMSNorm decoders with rotary positions and gated MLPs (LLaMA-style: "
+            f"{', '.join(SUPPORTED_TYPES)}), not {mtype!r} ({smap.family} family: "
+            f"{_missing_pieces(smap, mtype)}). Use accelerate_(model) and model.generate "
+            "(actsparse generate --engine hf)")
+    _refuse_unsupported_features(model, cfg, smap)
     if getattr(model, "device", torch.device("cpu")).type != "cpu":
         raise UnsupportedError("FastDecoder runs on the CPU; move the model with model.to('cpu')")
     dtype = model.get_input_embeddings().weight.dtype
@@ -286,6 +368,94 @@ def check_model(model: nn.Module):
         raise UnsupportedError(f"FastDecoder needs fp32 or bf16 weights, the model has {dtype}; "
                                "load it with dtype='float32' or 'bfloat16'") from None
     return cfg, fmt
+
+
+def _missing_pieces(smap: SiteMap, mtype) -> str:
+    pieces = []
+    if not smap.gated:
+        pieces.append("a non-gated MLP")
+    if not smap.part_path("rotary"):
+        pieces.append("learned position embeddings instead of RoPE")
+    if smap.family in ("gpt2", "opt"):
+        pieces.append("LayerNorm with bias instead of RMSNorm")
+    if "norm.attn" not in smap.norms:
+        pieces.append("post-norm blocks")
+    return ", ".join(pieces) or f"the model type {mtype!r} is not implemented"
+
+
+def rope_types(cfg) -> set:
+    """The RoPE variants a config asks for (one per layer type for Gemma 3)."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    dicts = [params] if "rope_type" in params or "type" in params else [v for v in params.values()
+                                                                         if isinstance(v, dict)]
+    return {d.get("rope_type", d.get("type", "default")) for d in dicts} or {"default"}
+
+
+def _refuse_unsupported_features(model, cfg, smap: SiteMap) -> None:
+    """Config features the step does not implement: refused before any decoding."""
+    bad = [t for t in rope_types(cfg) if t not in STATIC_ROPE]
+    if bad:
+        raise UnsupportedError(f"RoPE scaling {', '.join(sorted(bad))} depends on the current sequence length; "
+                               f"FastDecoder implements the static variants ({', '.join(STATIC_ROPE)})")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise UnsupportedError("bidirectional attention (use_bidirectional_attention=True) is not causal "
+                               "decoding; FastDecoder implements causal attention only")
+    if getattr(cfg, "no_rope_layers", None) is not None and not all(getattr(cfg, "no_rope_layers")):
+        raise UnsupportedError("layers without RoPE (no_rope_layers) are not implemented by FastDecoder")
+    for name in ("num_experts", "num_local_experts"):
+        if getattr(cfg, name, None):
+            raise UnsupportedError("mixture-of-experts MLPs are not implemented by FastDecoder")
+    extra = [r for r in smap.norms if r not in ("norm.attn", "norm.mlp", "norm.attn_out", "norm.mlp_out",
+                                                  "norm.q", "norm.k")]
+    if extra:
+        raise UnsupportedError(f"norms {extra} are not implemented by FastDecoder")
+
+
+def _architecture(model, cfg, smap: SiteMap, attn: list) -> Architecture:
+    norm = model.get_submodule(smap.module_path(0, "norm.attn"))
+    eps = _eps(norm)
+    for r in smap.norms:
+        e = _eps(model.get_submodule(smap.module_path(0, r)))
+        if not math.isclose(e, eps):
+            raise UnsupportedError(f"the norms use different eps ({r}: {e} vs {eps}); FastDecoder uses one")
+    caps = {float(getattr(a, "attn_logit_softcapping", None) or 0.0) for a in attn}
+    rotary = model.get_submodule(smap.part_path("rotary"))
+    per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    types = tuple(sorted(set(cfg.layer_types))) if per_type else ("",)
+    return Architecture(norm_offset=smap.norm_offset, eps=eps,
+                        embed_scale=float(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0)),
+                        attn_softcap=caps.pop() if len(caps) == 1 else _refuse("per-layer attention soft-capping"),
+                        final_softcap=float(getattr(cfg, "final_logit_softcapping", None) or 0.0),
+                        rope_types=types)
+
+
+def _refuse(what: str):
+    raise UnsupportedError(f"{what} is not implemented by FastDecoder")
+
+
+def _eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise UnsupportedError(f"{type(norm).__name__} has no eps; FastDecoder needs an RMSNorm")
+
+
+def _gain(norm: nn.Module, offset: float) -> np.ndarray:
+    if getattr(norm, "bias", None) is not None:
+        raise UnsupportedError(f"{type(norm).__name__} has a bias (LayerNorm); FastDecoder implements RMSNorm")
+    return (norm.weight.detach().float() + offset).contiguous().numpy()
+
+
+def _window(attn: nn.Module, cfg) -> int:
+    """The layer's sliding-window length (0: attends to every position). Per layer for the
+    families that mix sliding and global layers (the attention module's own attribute),
+    else the config's for every layer (Mistral, Phi-3)."""
+    w = getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
+    return int(w or 0)
+
+
+def _down_width(model, smap: SiteMap, layer: int) -> int:
+    return model.get_submodule(smap.module_path(layer, "mlp.down")).weight.shape[-1]
 
 
 def _fuse(linears: dict[Role, LinearPlan], first: Role) -> None:
@@ -303,10 +473,10 @@ def _fuse(linears: dict[Role, LinearPlan], first: Role) -> None:
             linears[r].mode = Mode.FUSED
 
 
-def _bias(linears) -> np.ndarray:
-    if linears[0].bias is None:
+def _bias(members: list[LinearPlan]) -> np.ndarray:
+    if members[0].bias is None:
         return np.empty(0, np.float32)
-    return torch.cat([m.bias.detach().float() for m in linears]).contiguous().numpy()
+    return torch.cat([m.bias.float() for m in members]).contiguous().numpy()
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-"""One decoded token of a LLaMA-style model, all layers, in one numba call.
+"""One decoded token of a decoder (any architecture a DecodePlan describes), all layers, in one numba call.
 
 The per-token Python and dispatch overhead of a Hugging Face decode step (~15 ms for
 SmolLM2's 30 layers) is larger than the time to read the weights, so sparse GEMVs alone
@@ -116,8 +116,9 @@ def _rmsnorm(h, w, eps, out):
 
 @njit(**JIT)
 def _rope(x, n_heads, hd, cos, sin):
-    """In place on x viewed as (n_heads, hd): x*cos + rotate_half(x)*sin (HF convention)."""
-    half = hd // 2
+    """In place on x viewed as (n_heads, hd): x*cos + rotate_half(x)*sin (HF convention) on the
+    first ``len(cos)`` dims of each head (partial rotary leaves the others)."""
+    half = cos.shape[0] // 2
     for h in range(n_heads):
         b = h * hd
         for i in range(half):
@@ -128,44 +129,47 @@ def _rope(x, n_heads, hd, cos, sin):
 
 
 @njit(parallel=True, **JIT)
-def _attention_parallel(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out):
+def _attention_parallel(q, k_cache, v_cache, t0, T, n_heads, n_rep, hd, scale, softcap, out):
     for h in prange(n_heads):
-        _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out)
+        _attention_head(q, k_cache, v_cache, t0, T, h, n_rep, hd, scale, softcap, out)
 
 
 @njit(**JIT)
-def _attention(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out, nthreads):
-    """out[h] = softmax(q_h . K * scale) V over positions < T, per head (GQA)."""
-    if nthreads == 1 or 8 * T * n_heads * hd < PARALLEL_MIN_BYTES:
+def _attention(q, k_cache, v_cache, t0, T, n_heads, n_rep, hd, scale, softcap, out, nthreads):
+    """out[h] = softmax(q_h . K * scale) V over positions t0 <= t < T, per head (GQA); with
+    ``softcap`` > 0 the scaled scores are soft-capped first: cap * tanh(s / cap)."""
+    if nthreads == 1 or 8 * (T - t0) * n_heads * hd < PARALLEL_MIN_BYTES:
         for h in range(n_heads):
-            _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out)
+            _attention_head(q, k_cache, v_cache, t0, T, h, n_rep, hd, scale, softcap, out)
     else:
-        _attention_parallel(q, k_cache, v_cache, T, n_heads, n_rep, hd, scale, out)
+        _attention_parallel(q, k_cache, v_cache, t0, T, n_heads, n_rep, hd, scale, softcap, out)
 
 
 @njit(**JIT)
-def _attention_head(q, k_cache, v_cache, T, h, n_rep, hd, scale, out):
+def _attention_head(q, k_cache, v_cache, t0, T, h, n_rep, hd, scale, softcap, out):
     kv = h // n_rep
-    scores = np.empty(T, np.float32)
+    scores = np.empty(T - t0, np.float32)
     qb = h * hd
     mx = -np.inf
-    for t in range(T):
+    for t in range(t0, T):
         s = np.float32(0.0)
         for d in range(hd):
             s += q[qb + d] * k_cache[kv, t, d]
         s *= scale
-        scores[t] = s
+        if softcap > 0:
+            s = np.float32(np.tanh(s / softcap)) * softcap
+        scores[t - t0] = s
         mx = max(mx, s)
     tot = np.float32(0.0)
-    for t in range(T):
+    for t in range(T - t0):
         e = np.float32(np.exp(scores[t] - mx))
         scores[t] = e
         tot += e
     for d in range(hd):
         out[qb + d] = 0.0
     inv = np.float32(1.0) / tot
-    for t in range(T):
-        p = scores[t] * inv
+    for t in range(t0, T):
+        p = scores[t - t0] * inv
         for d in range(hd):
             out[qb + d] += p * v_cache[kv, t, d]
 
@@ -198,6 +202,14 @@ def _role(x, layer, role, weights, tests, out, idx, vals, nthreads):
 
 
 @njit(**JIT)
+def _head_norms(x, n, hd, w, eps):
+    """RMSNorm of each of the ``n`` heads of x (viewed as (n, hd)) with gain ``w``, in place."""
+    for h in range(n):
+        part = x[h * hd:(h + 1) * hd]
+        _rmsnorm(part, w, eps, part)
+
+
+@njit(**JIT)
 def decode_token(token, pos, args, kv, h, logits, counts, nthreads):
     """Run token ``token`` at position ``pos`` through every layer; write ``logits``.
 
@@ -212,6 +224,9 @@ def decode_token(token, pos, args, kv, h, logits, counts, nthreads):
     row = emb.embed[token]
     for i in range(D):
         h[i] = to_f32(row[i])
+    if emb.scale != 1.0:
+        for i in range(D):
+            h[i] *= emb.scale
     xn = np.empty(D, np.float32)
     nq = n_heads * hd
     nk = n_kv * hd
@@ -225,7 +240,8 @@ def decode_token(token, pos, args, kv, h, logits, counts, nthreads):
     big = max(D, n_heads * hd)
     idx = np.empty(big, np.int64)
     vals = np.empty(big, np.float32)
-    cos, sin = rope.cos[pos], rope.sin[pos]
+    qk_norms = norms.q.shape[0] > 0
+    sandwich = norms.attn_out.shape[0] > 0
     for layer in range(L):
         _rmsnorm(h, norms.attn[layer], norms.eps, xn)
         if tests.mode[layer, _K] == _FUSED:  # q, k, v share their input test: one pass over [Wq; Wk; Wv]^T
@@ -237,22 +253,36 @@ def decode_token(token, pos, args, kv, h, logits, counts, nthreads):
             counts[layer, _Q] += _role(xn, layer, _Q, weights, tests, q, idx, vals, nthreads)
             counts[layer, _K] += _role(xn, layer, _K, weights, tests, kx, idx, vals, nthreads)
             counts[layer, _V] += _role(xn, layer, _V, weights, tests, vx, idx, vals, nthreads)
-        _rope(q, n_heads, hd, cos, sin)
-        _rope(kx, n_kv, hd, cos, sin)
+        if qk_norms:
+            _head_norms(q, n_heads, hd, norms.q[layer], norms.eps)
+            _head_norms(kx, n_kv, hd, norms.k[layer], norms.eps)
+        table = rope.index[layer]
+        _rope(q, n_heads, hd, rope.cos[table, pos], rope.sin[table, pos])
+        _rope(kx, n_kv, hd, rope.cos[table, pos], rope.sin[table, pos])
         for g in range(n_kv):
             for d in range(hd):
                 kv.k[layer, g, pos, d] = kx[g * hd + d]
                 kv.v[layer, g, pos, d] = vx[g * hd + d]
-        _attention(q, kv.k[layer], kv.v[layer], pos + 1, n_heads, n_rep, hd, attn.scale, att, nthreads)
+        window = attn.window[layer]
+        t0 = max(0, pos + 1 - window) if window > 0 else 0
+        _attention(q, kv.k[layer], kv.v[layer], t0, pos + 1, n_heads, n_rep, hd, attn.scale, attn.softcap, att,
+                   nthreads)
         counts[layer, _O] += _role(att, layer, _O, weights, tests, o, idx, vals, nthreads)
+        if sandwich:
+            _rmsnorm(o, norms.attn_out[layer], norms.eps, o)
         for i in range(D):
             h[i] += o[i]
         _rmsnorm(h, norms.mlp[layer], norms.eps, xn)
         counts[layer, 7] += _mlp(xn, layer, weights, tests, args.act, o, counts, nthreads)
+        if sandwich:
+            _rmsnorm(o, norms.mlp_out[layer], norms.eps, o)
         for i in range(D):
             h[i] += o[i]
     _rmsnorm(h, norms.final, norms.eps, xn)
     _dense_rows(xn, emb.lm_head, logits, nthreads)
+    if emb.softcap > 0:
+        for i in range(logits.shape[0]):
+            logits[i] = np.float32(np.tanh(logits[i] / emb.softcap)) * emb.softcap
 
 
 @njit(**JIT)

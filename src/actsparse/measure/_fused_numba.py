@@ -153,3 +153,48 @@ def reduce_site(v, bits, valid, temporal, flow_thr, bounds, shift, base, hist_bi
                 delta_le[e, c] += l_dle[e, j]
         bad_chunks[ci] = bad
 
+
+
+@njit(parallel=True, cache=True, fastmath=False, boundscheck=False)
+def reduce_light(v, valid, scale, use_scale, shift, base, hist_bins, count, nonzero, abs_sum, hist_chunks,
+                 bad_chunks):
+    """The statistics a threshold needs (per-neuron counts, nonzeros, |v| sums; the |v|
+    histogram) of ``v`` (batch, time, width) at the valid tokens, straight from the tensor: no
+    masked copy, no temporaries. With ``use_scale`` the values are ``|v_j| * scale_j``.
+    Non-finite values are counted in ``bad_chunks`` and skipped."""
+    n_b, n_t, width = v.shape
+    n_chunks = hist_chunks.shape[0]
+    for ci in prange(n_chunks):
+        c0 = ci * CHUNK
+        c1 = min(width, c0 + CHUNK)
+        hist = hist_chunks[ci]
+        nc = c1 - c0
+        bad = 0
+        l_count = np.zeros(nc, np.int64)
+        l_nz = np.zeros(nc, np.int64)
+        l_abs = np.zeros(nc, np.float64)
+        av = np.empty(nc, np.float32)
+        avb = av.view(np.int32)
+        for b in range(n_b):
+            for t in range(n_t):
+                if not valid[b, t]:
+                    continue
+                x = v[b, t, c0:c1]
+                for j in range(nc):
+                    av[j] = abs(x[j]) * scale[c0 + j] if use_scale else abs(x[j])
+                for j in range(nc):
+                    a = av[j]
+                    if not np.isfinite(a):
+                        bad += 1
+                        continue
+                    l_count[j] += 1
+                    l_nz[j] += a != 0.0
+                    l_abs[j] += a
+                    h = (avb[j] >> shift) - base
+                    hist[min(max(h, 0), hist_bins - 1)] += 1
+        for j in range(nc):
+            c = c0 + j
+            count[c] += l_count[j]
+            nonzero[c] += l_nz[j]
+            abs_sum[c] += l_abs[j]
+        bad_chunks[ci] = bad

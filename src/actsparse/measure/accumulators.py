@@ -19,6 +19,7 @@ from actsparse.measure import fused
 from actsparse.measure.histogram import HIST_BINS, hist_bin_index, hist_lower_edges  # noqa: F401  (re-exported)
 
 DEFAULT_EPS = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5)
+LIGHT_CHUNK_ROWS = 1024  # rows per step of the torch light update (its temporaries are O(rows x width))
 
 def _column_bincount(codes: torch.Tensor, n_codes: int) -> torch.Tensor:
     """Per-column histogram of small integer ``codes`` (rows, width) -> (width, n_codes)."""
@@ -115,11 +116,36 @@ class SiteStats:
         self._update_torch(values)
 
     @torch.no_grad()
-    def update_light(self, values: torch.Tensor) -> None:
-        """Add rows ``(rows, width)`` to the fields a threshold needs only: the |v| histogram,
-        per-neuron counts, nonzeros and |v| sums (the other fields stay as they are).
-        Non-finite entries are counted, then ignored."""
-        v = values.detach().to(torch.float32)
+    def update_light(self, values: torch.Tensor, valid: torch.Tensor | None = None, *,
+                     scale: torch.Tensor | None = None, backend: str | None = None) -> None:
+        """Add ``values`` to the fields a threshold needs only: the |v| histogram, per-neuron
+        counts, nonzeros and |v| sums (the other fields stay as they are).
+
+        ``values``: (rows, width), or (batch, time, width) with ``valid`` (batch, time) marking
+        the real tokens; ``scale``: statistics of ``|v_j| * scale_j`` instead of ``|v_j|``.
+        Non-finite entries are counted, then ignored. The numba pass reads the tensor in place
+        (no masked copy, no temporaries: calibration's memory stays flat)."""
+        v = values.detach()
+        if v.ndim == 2:
+            v, valid = v[None], None
+        if v.ndim != 3 or v.shape[-1] != self.width:
+            raise ValueError(f"expected (rows, {self.width}) or (batch, time, {self.width}) values, got "
+                             f"{tuple(values.shape)}")
+        if _use_numba(backend):
+            ok = torch.ones(v.shape[:2], dtype=torch.bool) if valid is None else valid.cpu().to(torch.bool)
+            s = None if scale is None else scale.detach().to(torch.float32).cpu().numpy()
+            fused.reduce_light_into(self, v.to(torch.float32).cpu().numpy(), ok.numpy(), s)
+            return
+        flat = v.reshape(-1, v.shape[-1])
+        keep = valid.to(v.device).bool().reshape(-1) if valid is not None else None
+        for r0 in range(0, flat.shape[0], LIGHT_CHUNK_ROWS):  # bounded temporaries, not one per tensor
+            rows = flat[r0:r0 + LIGHT_CHUNK_ROWS]
+            if keep is not None:
+                rows = rows[keep[r0:r0 + LIGHT_CHUNK_ROWS]]
+            rows = rows.to(torch.float32)
+            self._update_light_rows(rows.abs() * scale.to(rows.device) if scale is not None else rows)
+
+    def _update_light_rows(self, v: torch.Tensor) -> None:
         bad = ~torch.isfinite(v)
         n_bad = int(bad.sum())
         absv = v.abs()

@@ -196,30 +196,31 @@ class capture:
         else:
             st.update(values)
 
-    def _tokens(self, t: torch.Tensor) -> torch.Tensor:
-        v = t.detach()
-        return valid_tokens(v, self._hooks.tracker.valid_rows(v)).to(torch.float32)
-
     @torch.no_grad()
     def _reduce_light(self, probe: Probe, t: torch.Tensor) -> None:
-        v = self._tokens(t)
-        if probe.scale is not None:
-            v = v.abs() * probe.scale.to(v.device)
+        values, is_seq = as_rows(t.detach())
         st = self._stats.get(probe.key)
         if st is None:
-            st = self._stats[probe.key] = SiteStats(v.shape[-1], self.eps)
-        st.update_light(v.cpu())
+            st = self._stats[probe.key] = SiteStats(values.shape[-1], self.eps)
+        valid = self._hooks.tracker.valid_rows(values) if is_seq else None
+        st.update_light(values, valid, scale=probe.scale)
 
     @torch.no_grad()
     def _sample_rows(self, probe: Probe, t: torch.Tensor) -> None:
-        v = self._tokens(t)
-        total = self.total_tokens or v.shape[0]
-        quota = math.ceil(v.shape[0] * min(1.0, probe.rows / max(total, 1)))
+        """Keep ``take`` of this call's real tokens, evenly spaced (only those rows are copied)."""
+        values, is_seq = as_rows(t.detach())
+        valid = self._hooks.tracker.valid_rows(values) if is_seq else None
+        flat = values.reshape(-1, values.shape[-1])
+        rows = valid.reshape(-1).nonzero().squeeze(1) if valid is not None else None
+        n = flat.shape[0] if rows is None else rows.numel()
+        total = self.total_tokens or n
+        quota = math.ceil(n * min(1.0, probe.rows / max(total, 1)))
         have = sum(x.shape[0] for x in self._rows.get(probe.key, []))
-        take = min(quota, probe.rows - have, v.shape[0])
+        take = min(quota, probe.rows - have, n)
         if take > 0:
-            idx = torch.linspace(0, v.shape[0] - 1, take).round().long()
-            self._rows.setdefault(probe.key, []).append(v[idx].clone())
+            idx = torch.linspace(0, n - 1, take).round().long()
+            pick = idx if rows is None else rows[idx]
+            self._rows.setdefault(probe.key, []).append(flat[pick.to(flat.device)].to(torch.float32).cpu())
 
     # ---------------------------------------------------------------- results
     def stats(self) -> dict:
@@ -260,7 +261,10 @@ def run(model: nn.Module, batches, *, progress: bool = True, desc: str = "forwar
 
     import inspect
 
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    extra = {"use_cache": False} if "use_cache" in params else {}
+    if "logits_to_keep" in params and not _head_is_watched(model):
+        extra["logits_to_keep"] = 1  # statistics need the activations, not B x T x vocab logits
     tokens = 0
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)
@@ -270,3 +274,9 @@ def run(model: nn.Module, batches, *, progress: bool = True, desc: str = "forwar
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         tokens += int(batch["attention_mask"].sum())
     return tokens
+
+
+def _head_is_watched(model: nn.Module) -> bool:
+    """True if a hook reads the LM head (then every position's logits must be computed)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and bool(head._forward_hooks or head._forward_pre_hooks)

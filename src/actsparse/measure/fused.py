@@ -43,3 +43,21 @@ def reduce_into(st, v, valid, *, temporal: bool, flow_threshold: float) -> None:
     st.rows += int(valid.sum())
     if temporal and v.shape[1] > 1:
         st.pairs += int((valid[:, 1:] & valid[:, :-1]).sum())
+
+
+def reduce_light_into(st, v, valid, scale=None) -> None:
+    """Fold ``v`` (batch, time, width) float32 at the ``valid`` (batch, time) tokens into the
+    light fields of ``st`` (see ``SiteStats.update_light``), optionally of ``|v| * scale``."""
+    from actsparse.measure._fused_numba import CHUNK, reduce_light
+
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    valid = np.ascontiguousarray(valid, dtype=np.bool_)
+    n_chunks = -(-st.width // CHUNK)
+    hist_chunks = np.zeros((n_chunks, hist.HIST_BINS), dtype=np.int64)
+    bad_chunks = np.zeros(n_chunks, dtype=np.int64)
+    sc = np.ones(1, np.float32) if scale is None else np.ascontiguousarray(scale, dtype=np.float32)
+    reduce_light(v, valid, sc, scale is not None, hist.SHIFT, hist.BASE - 1, hist.HIST_BINS, st.count.numpy(),
+                 st.nonzero.numpy(), st.abs_sum.numpy(), hist_chunks, bad_chunks)
+    st.hist += torch.from_numpy(hist_chunks.sum(0))
+    st.nonfinite += int(bad_chunks.sum())
+    st.rows += int(valid.sum())

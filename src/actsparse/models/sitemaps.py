@@ -25,29 +25,39 @@ _LLAMA_ROLES = {
     "mlp.act": "mlp.act_fn",
 }
 
-# Norm roles (block-relative; the first path that exists wins, none = the family has no such
-# norm, e.g. BERT's post-norm blocks): "norm.attn" feeds attention, "norm.mlp" feeds the MLP.
+# Norm layouts (block-relative paths; the first layout whose modules all exist wins; none: the
+# family has no such norms, e.g. BERT's post-norm blocks). Roles: "norm.attn" feeds attention,
+# "norm.mlp" feeds the MLP; sandwich blocks (Gemma 2/3) also norm each sublayer's output
+# ("norm.attn_out", "norm.mlp_out"); "norm.q" / "norm.k" norm each query / key head (Qwen3,
+# Gemma 3). ``norm_offset``: the norm's gain is ``offset + weight`` (Gemma: 1 + w).
 # Model-level parts, relative to the module that holds the blocks: "final_norm", "rotary".
-_LLAMA_NORMS = {"norm.attn": ("input_layernorm",), "norm.mlp": ("post_attention_layernorm",)}
+_PLAIN_NORMS = {"norm.attn": "input_layernorm", "norm.mlp": "post_attention_layernorm"}
+_QK_NORMS = {"norm.q": "self_attn.q_norm", "norm.k": "self_attn.k_norm"}
+_SANDWICH_NORMS = {"norm.attn": "input_layernorm", "norm.attn_out": "post_attention_layernorm",
+                   "norm.mlp": "pre_feedforward_layernorm", "norm.mlp_out": "post_feedforward_layernorm"}
 
 FAMILIES: dict[str, dict] = {
     "llama": {"model_types": ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm3"), "roles": _LLAMA_ROLES,
-              "gated": True, "norms": _LLAMA_NORMS, "model": {"final_norm": "norm", "rotary": "rotary_emb"}},
-    "gemma": {"model_types": ("gemma", "gemma2", "gemma3", "gemma3_text"), "roles": _LLAMA_ROLES, "gated": True,
-              "norms": {"norm.attn": ("input_layernorm",),
-                        "norm.mlp": ("pre_feedforward_layernorm", "post_attention_layernorm")},
+              "gated": True, "norm_layouts": ({**_PLAIN_NORMS, **_QK_NORMS}, _PLAIN_NORMS),
               "model": {"final_norm": "norm", "rotary": "rotary_emb"}},
+    "gemma": {"model_types": ("gemma", "gemma2", "gemma3", "gemma3_text"), "roles": _LLAMA_ROLES, "gated": True,
+              "norm_layouts": ({**_SANDWICH_NORMS, **_QK_NORMS}, _SANDWICH_NORMS, _PLAIN_NORMS), "norm_offset": 1.0,
+              "model": {"final_norm": "norm", "rotary": "rotary_emb"}},
+    "phi3": {"model_types": ("phi3",),
+             "roles": {"attn.qkv": "self_attn.qkv_proj", "attn.o": "self_attn.o_proj", "mlp.gate_up": "mlp.gate_up_proj",
+                       "mlp.down": "mlp.down_proj", "mlp.act": "mlp.activation_fn"},
+             "gated": True, "norm_layouts": (_PLAIN_NORMS,), "model": {"final_norm": "norm", "rotary": "rotary_emb"}},
     "gpt2": {
         "model_types": ("gpt2",),
         "roles": {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc",
                   "mlp.down": "mlp.c_proj", "mlp.act": "mlp.act"},
-        "gated": False, "norms": {"norm.attn": ("ln_1",), "norm.mlp": ("ln_2",)}, "model": {"final_norm": "ln_f"},
+        "gated": False, "norm_layouts": ({"norm.attn": "ln_1", "norm.mlp": "ln_2"},), "model": {"final_norm": "ln_f"},
     },
     "opt": {
         "model_types": ("opt",),
         "roles": {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
                   "attn.o": "self_attn.out_proj", "mlp.up": "fc1", "mlp.down": "fc2", "mlp.act": "activation_fn"},
-        "gated": False, "norms": {"norm.attn": ("self_attn_layer_norm",), "norm.mlp": ("final_layer_norm",)},
+        "gated": False, "norm_layouts": ({"norm.attn": "self_attn_layer_norm", "norm.mlp": "final_layer_norm"},),
         "model": {"final_norm": "final_layer_norm"},
     },
     "bert": {
@@ -61,7 +71,7 @@ FAMILIES: dict[str, dict] = {
 }
 
 # Linear roles in the order data flows through a block.
-LINEAR_ROLES = ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+LINEAR_ROLES = ("attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate_up", "mlp.gate", "mlp.up", "mlp.down")
 
 # Roles whose input is the same tensor: capture it once, under the first role's name.
 # (In an MLP without a gate, mlp.up reads the MLP input itself: see SiteMap.input_source.)
@@ -100,8 +110,9 @@ class SiteMap:
     roles: dict[str, str]
     gated: bool
     unmapped: list[str] = field(default_factory=list)
-    norms: dict[str, str] = field(default_factory=dict)  # "norm.attn" / "norm.mlp" -> block-relative path
+    norms: dict[str, str] = field(default_factory=dict)  # "norm.attn", "norm.mlp", ... -> block-relative path
     model_parts: dict[str, str] = field(default_factory=dict)  # "final_norm", "rotary" -> path
+    norm_offset: float = 0.0  # a norm's gain is norm_offset + weight
 
     def module_path(self, layer: int, role: str) -> str:
         if role in self.norms:
@@ -205,11 +216,8 @@ def site_map(model: nn.Module, *, warn: bool = True) -> SiteMap:
         found = _find_blocks(model, spec["roles"])
         if found is not None:
             path, blocks = found
-            norms = {}
-            for role, options in spec.get("norms", {}).items():
-                rel = next((o for o in options if _has_submodule(blocks[0], o)), None)
-                if rel is not None:
-                    norms[role] = rel
+            norms = next((dict(layout) for layout in spec.get("norm_layouts", ())
+                          if all(_has_submodule(blocks[0], rel) for rel in layout.values())), {})
             base = path.rpartition(".")[0]
             parts = {}
             for part, rel in spec.get("model", {}).items():
@@ -217,7 +225,7 @@ def site_map(model: nn.Module, *, warn: bool = True) -> SiteMap:
                 if _has_submodule(model, full):
                     parts[part] = full
             return SiteMap(family, path, len(blocks), dict(spec["roles"]), spec["gated"], norms=norms,
-                           model_parts=parts)
+                           model_parts=parts, norm_offset=spec.get("norm_offset", 0.0))
     generic = SiteMap("generic", None, 0, {}, False)
     acts = [p for p, _ in generic_activation_modules(model)]
     linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]

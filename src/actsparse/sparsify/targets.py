@@ -72,14 +72,15 @@ class Target:
 
     def input_source(self, role: str) -> str | None:
         """The mapped role whose input is the input ``role`` names: itself; for ``mlp.gate`` in an
-        MLP without a gate, ``mlp.up`` (the MLP input); for ``attn.q`` in a block with one fused
-        q/k/v projection, ``attn.qkv``; None if absent."""
+        MLP without a gate, ``mlp.up`` (the MLP input); for ``attn.q`` / ``mlp.gate`` in a block
+        with one fused q/k/v or gate/up projection, ``attn.qkv`` / ``mlp.gate_up``; None if absent."""
         if role in self.smap.roles:
             return self.smap.input_source(role)
         if role == "mlp.gate" and not self.smap.gated and "mlp.up" in self.smap.roles:
             return "mlp.up"
-        if role == "attn.q" and "attn.qkv" in self.smap.roles:  # one fused q/k/v projection (GPT-2)
-            return "attn.qkv"
+        fused = {"attn.q": "attn.qkv", "mlp.gate": "mlp.gate_up"}.get(role)  # one fused projection (GPT-2, Phi-3)
+        if fused in self.smap.roles:
+            return fused
         return None
 
     def readers(self, role: str) -> tuple[str, ...]:
@@ -95,6 +96,7 @@ class Target:
 
     def act_skips(self, layer: int) -> tuple[str, ...]:
         """Linears whose weight rows a zero at the MLP activation lets a kernel skip: up and
-        down in a gated MLP (gate must be computed to know the zeros), down otherwise."""
+        down in a gated MLP (gate must be computed to know the zeros), down otherwise. A fused
+        gate/up projection (Phi-3) is not listed: only half its rows could be skipped."""
         roles = ("mlp.up", "mlp.down") if self.smap.gated else ("mlp.down",)
         return tuple(self.path(layer, r) for r in roles if r in self.smap.roles)

@@ -15,7 +15,7 @@ from actsparse.sparsify.calibration import Request, quantile_threshold
 from actsparse.sparsify.modules import out_in_weight
 from actsparse.sparsify.registry import Assignment, Handler, SparsityConfig, register_handler, register_method
 
-LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+LINEAR_KINDS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
 
 
 @register_method
