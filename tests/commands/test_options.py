@@ -138,3 +138,14 @@ def test_data_help_documents_the_txt_format(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "documents separated by --doc-separator, by default a blank line" in text
     assert "--text-field" in text and "--encoding" in text and "--sampling" in text
+
+
+def test_override_and_sites_errors_name_the_input(tmp_path, capsys):
+    """Before: --override 'x=abc' raised ValueError, --sites mlp.foo KeyError (tracebacks)."""
+    assert main(["calibrate", "--method", "teal", "--override", "x=abc", "--out", str(tmp_path / "p")]) == 2
+    assert "--override 'x=abc': 'abc' is not a sparsity" in capsys.readouterr().err
+    assert main(["profile", "--sites", "mlp.foo", "--tokens", "512", "--out", str(tmp_path / "prof"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--sites: unknown site 'mlp.foo'" in err and "Roles: attn.k" in err
+    assert not (tmp_path / "prof").exists()
