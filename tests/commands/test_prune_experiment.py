@@ -1,10 +1,23 @@
 """`actsparse prune-experiment --quick`: the AP sweep's command, its outputs and its resume."""
 import json
 
+import pytest
+import torch
+
 from actsparse.cli import main
 
 
-def test_prune_experiment_quick_writes_results_and_plots_and_resumes(tmp_path, capsys):
+@pytest.fixture
+def process_state(monkeypatch):
+    """The command sets process-wide state (--quick turns numba off, --threads sets torch's
+    threads): keep it from leaking into later tests."""
+    monkeypatch.setenv("ACTSPARSE_DISABLE_NUMBA", "1")  # what --quick sets; undone after the test
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_prune_experiment_quick_writes_results_and_plots_and_resumes(tmp_path, capsys, process_state):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["prune-experiment", "--quick", "--models", "mlp", "--hosts", "imp,random", "--out", str(out),
             "--work-dir", str(work)]
