@@ -1,23 +1,11 @@
 """`actsparse prune-experiment --quick`: the AP sweep's command, its outputs and its resume."""
 import json
-
-import pytest
-import torch
+import os
 
 from actsparse.cli import main
 
 
-@pytest.fixture
-def process_state(monkeypatch):
-    """The command sets process-wide state (--quick turns numba off, --threads sets torch's
-    threads): keep it from leaking into later tests."""
-    monkeypatch.setenv("ACTSPARSE_DISABLE_NUMBA", "1")  # what --quick sets; undone after the test
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_prune_experiment_quick_writes_results_and_plots_and_resumes(tmp_path, capsys, process_state):
+def test_prune_experiment_quick_writes_results_and_plots_and_resumes(tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["prune-experiment", "--quick", "--models", "mlp", "--hosts", "imp,random", "--out", str(out),
             "--work-dir", str(work)]
@@ -39,3 +27,10 @@ def test_prune_experiment_quick_writes_results_and_plots_and_resumes(tmp_path, c
     assert main(argv) == 0
     again = json.loads((out / "ap.json").read_text())
     assert [r["levels"] for r in again["runs"]] == [r["levels"] for r in runs]
+
+
+def test_quick_switches_numba_off_only_while_it_runs(tmp_path, monkeypatch):
+    """main() in-process (tests, notebooks): --quick must not leave numba off for the caller."""
+    monkeypatch.delenv("ACTSPARSE_DISABLE_NUMBA", raising=False)
+    assert main(["prune-experiment", "--quick", "--models", "mlp", "--hosts", "random", "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")]) == 0
+    assert "ACTSPARSE_DISABLE_NUMBA" not in os.environ

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -133,6 +134,20 @@ def run(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _numba_off(on: bool):
+    """ACTSPARSE_DISABLE_NUMBA=1 for the block (unless set already), then as it was."""
+    key = "ACTSPARSE_DISABLE_NUMBA"
+    previous = os.environ.get(key)
+    if on and previous is None:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on and previous is None:
+            os.environ.pop(key, None)
+
+
 def run_experiment(args) -> int:
     from dataclasses import replace
 
@@ -142,8 +157,6 @@ def run_experiment(args) -> int:
     from actsparse.prune.hosts import HOSTS
 
     _setup(args)
-    if args.quick:  # skip numba's JIT warm-up (~10-20 s): the torch reduction is fast at these sizes
-        os.environ.setdefault("ACTSPARSE_DISABLE_NUMBA", "1")
     sweep = QUICK if args.quick else SweepConfig()
     kw = {"dataset": args.dataset, "rate": args.rate}
     if args.models:
@@ -180,7 +193,8 @@ def run_experiment(args) -> int:
         bar.refresh()
 
     try:
-        doc = run_sweep(sweep, args.out, work, progress=progress, name=args.name)
+        with _numba_off(args.quick):  # skip numba's JIT warm-up (~10-20 s): torch is fast at these sizes
+            doc = run_sweep(sweep, args.out, work, progress=progress, name=args.name)
     finally:
         bar.close()
     for c in doc["claim2_ap_at_high_pruning"]:
