@@ -32,5 +32,6 @@ def test_prune_experiment_quick_writes_results_and_plots_and_resumes(tmp_path, c
 def test_quick_switches_numba_off_only_while_it_runs(tmp_path, monkeypatch):
     """main() in-process (tests, notebooks): --quick must not leave numba off for the caller."""
     monkeypatch.delenv("ACTSPARSE_DISABLE_NUMBA", raising=False)
-    assert main(["prune-experiment", "--quick", "--models", "mlp", "--hosts", "random", "--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w")]) == 0
+    assert main(["prune-experiment", "--quick", "--models", "mlp", "--hosts", "random", "--out", str(tmp_path / "o"),
+                 "--work-dir", str(tmp_path / "w")]) == 0
     assert "ACTSPARSE_DISABLE_NUMBA" not in os.environ

@@ -78,7 +78,8 @@ def register(sub) -> None:
                         "and evaluate again")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=nonnegative_int, default=0, help="linear learning-rate warm-up steps (default: 0)")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=0,
+                   help="linear learning-rate warm-up steps (default: 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip; 0 disables (default: 1.0)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per update (default: %(default)s)")
     p.add_argument("--window", type=window_int, default=256, help="tokens per window (default: %(default)s)")

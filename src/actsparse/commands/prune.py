@@ -51,11 +51,14 @@ def register(subparsers) -> None:
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="mlp (64-256-128-10) or cnn (2-block ResNet)")
     p.add_argument("--host", default="imp", help="magnitude|imp|random|snip|grasp|synflow (default imp)")
     p.add_argument("--ap", type=float, default=0.0, help="AP fraction a of survivors per cycle, 0 <= a <= rate (default 0 = off; paper: 0.02)")
-    p.add_argument("--cycles", type=positive_int, default=13, help="pruning cycles (default 13: 100%% -> 5.5%% at rate 0.2)")
+    p.add_argument("--cycles", type=positive_int, default=13,
+                   help="pruning cycles (default 13: 100%% -> 5.5%% at rate 0.2)")
     p.add_argument("--epochs", type=positive_int, default=15, help="training epochs per cycle (default 15)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and random pruning")
-    p.add_argument("--rewind-iter", type=nonnegative_int, default=0, help="rewind to weights before this optimizer step (0 = init)")
-    p.add_argument("--synflow-rounds", type=positive_int, default=100, help="SynFlow rounds per pruning step (default 100)")
+    p.add_argument("--rewind-iter", type=nonnegative_int, default=0,
+                   help="rewind to weights before this optimizer step (0 = init)")
+    p.add_argument("--synflow-rounds", type=positive_int, default=100,
+                   help="SynFlow rounds per pruning step (default 100)")
     p.add_argument("--out", required=True, help="output folder: result.json is written there")
     _common(p)
     p.set_defaults(func=run)
