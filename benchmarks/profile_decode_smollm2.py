@@ -1,8 +1,8 @@
 """Where SmolLM2's decode time goes (FastDecoder, bf16): ms per token dense, TEAL 50%, and with
 every linear input masked (what stays: lm_head, norms, RoPE, attention, compaction); plus the
-lm_head GEMV alone. Interleaved runs, median. Writes benchmarks/results/decode-profile.json.
+lm_head GEMV alone. Interleaved runs, median. Writes --out (default actsparse-out/decode-profile.json).
 
-    .venv/bin/python benchmarks/profile_decode_smollm2.py --threads 1,2
+    .venv/bin/python benchmarks/profile_decode_smollm2.py --threads 1,2 --out benchmarks/results/decode-profile.json
 """
 import argparse
 import random
@@ -60,7 +60,9 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--out", default="benchmarks/results/decode-profile.json")
+    ap.add_argument("--out", default="actsparse-out/decode-profile.json",
+                    help="JSON path (default: %(default)s; the committed result is regenerated "
+                         "only with an explicit --out benchmarks/results/decode-profile.json)")
     args = ap.parse_args()
     model, tok = asp.load("smollm2-135m")
     cal = token_windows(tok, text("wiki", "calibration"), window=256, max_tokens=1024)

@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=30)
     ap.add_argument("--variants", default="a,b,c")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/actsparse/experiments"))
-    ap.add_argument("--out", default="benchmarks/results/prosparse_smollm2.json")
+    ap.add_argument("--out", default="actsparse-out/prosparse_smollm2.json",
+                    help="JSON path (default: %(default)s; the committed result is regenerated "
+                         "only with an explicit --out benchmarks/results/prosparse_smollm2.json)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

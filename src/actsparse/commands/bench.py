@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from actsparse.commands.common import DEFAULT_OUT, check_output, positive_int, quiet_progress
 from actsparse.errors import ConfigError
 
 
@@ -74,7 +75,7 @@ The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
     p.add_argument("--quick", action="store_true",
                    help="smoke test: one layer shape (11008x4096), s in {0, 0.5, 0.9}, "
                    "5 repeats, MLP at s in {0, 0.5, 0.9}")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed calls per implementation and sparsity (default 21; 5 with --quick)")
     p.add_argument("--threads", type=_csv(int), default=None, metavar="N[,N]",
                    help="thread counts to run, comma separated (default 1,2)")
@@ -91,8 +92,9 @@ The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
                    help="MiB read between timed calls to evict the caches (default 256, "
                    "8x the 32 MiB L3 here; 0 = warm cache)")
     p.add_argument("--seed", type=int, default=0, help="weights, inputs and order (default 0)")
-    p.add_argument("--out", default="benchmarks/results/kernel.json",
-                   help="JSON output path (default benchmarks/results/kernel.json)")
+    p.add_argument("--out", default=str(DEFAULT_OUT / "kernel.json"),
+                   help=f"JSON output path (default {DEFAULT_OUT / 'kernel.json'}; the committed result is "
+                        "regenerated only with an explicit --out benchmarks/results/kernel.json)")
     p.add_argument("--no-plot", action="store_true", help="do not write the .png plot")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=_run_kernel)
@@ -123,12 +125,24 @@ def _run_kernel(args) -> int:
     if repeats < 1:
         raise ConfigError("--repeats must be >= 1")
     mlp = None if args.no_mlp else (args.mlp or bk.MLP_SHAPE)
+    _check_outputs(args)
     result = bk.run(shapes=shapes, dtypes=dtypes, threads=threads, sparsities=sparsities,
                     mlp_shape=mlp, mlp_sparsities=mlp_sp, repeats=repeats,
                     flush_mb=args.flush_mb, seed=args.seed, progress=not args.no_progress)
     _save(result, args, bk.plot)
     _print_table(result)
     return 0
+
+
+def _check_outputs(args) -> None:
+    """Before any timing: the JSON and its plot can be written; --no-progress silences loading bars."""
+    from pathlib import Path
+
+    check_output(args.out, "--out")
+    if not args.no_plot:
+        check_output(Path(args.out).with_suffix(".png"), "--out (its .png plot)")
+    if args.no_progress:
+        quiet_progress()
 
 
 def _save(result: dict, args, plot) -> None:
@@ -184,15 +198,17 @@ ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
     p.add_argument("--dtypes", type=_csv(str), default=["bfloat16", "float32"], metavar="D[,D]",
                    help="weight dtypes: bfloat16, float32 (default both)")
     p.add_argument("--threads", type=_csv(int), default=[1, 2], metavar="N[,N]", help="thread counts (default 1,2)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32, wiki test text)")
-    p.add_argument("--repeats", type=int, default=5, help="runs per engine and group (default 5)")
-    p.add_argument("--calib-tokens", type=int, default=1024, help="calibration tokens for the plan (default 1024)")
+    p.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated per run (default 64)")
+    p.add_argument("--prompt-tokens", type=positive_int, default=32, help="prompt length (default 32, wiki test text)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="runs per engine and group (default 5)")
+    p.add_argument("--calib-tokens", type=positive_int, default=1024,
+                   help="calibration tokens for the plan (default 1024)")
     p.add_argument("--hf-max-params", type=float, default=3e8,
                    help="run the HF engines only for models up to this many parameters (default 3e8)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/decode.json",
-                   help="JSON output path (default benchmarks/results/decode.json)")
+    p.add_argument("--out", default=str(DEFAULT_OUT / "decode.json"),
+                   help=f"JSON output path (default {DEFAULT_OUT / 'decode.json'}; the committed result is "
+                        "regenerated only with an explicit --out benchmarks/results/decode.json)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_decode)
@@ -210,6 +226,7 @@ def _run_decode(args) -> int:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.new_tokens < 3 or args.prompt_tokens < 1 or args.repeats < 1:
         raise ConfigError("--new-tokens must be >= 3, --prompt-tokens and --repeats >= 1")
+    _check_outputs(args)
     result = bd.run(args.models, method=args.method, sparsity=args.sparsity, dtypes=args.dtypes,
                     threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                     repeats=args.repeats, calib_tokens=args.calib_tokens, hf_max_params=args.hf_max_params,

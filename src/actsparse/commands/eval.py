@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import add_model_options, apply_threads
+from actsparse.commands.common import (add_model_options, add_plan_options, add_text_options, check_output,
+                                       load_causal_lm, load_plan_from_args, positive_int, setup, text_options,
+                                       window_int)
 
 
 def register(sub) -> None:
@@ -14,31 +16,35 @@ def register(sub) -> None:
                     "--plan the saved sparsity plan is applied first and the reached sparsity per site kind "
                     "is reported.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
-    p.add_argument("--plan", type=Path, default=None, help="plan directory from `actsparse calibrate`")
-    p.add_argument("--data", default="wiki", help="corpus name or path")
+    add_plan_options(p)
+    add_text_options(p, sampling=False)
+    p.add_argument("--sampling", choices=["spread", "prefix"], default=None,
+                   help="which windows --tokens takes from the split: spread (evenly over it) or prefix (the "
+                        "first tokens). Default: spread; prefix with --stride (sliding windows score one "
+                        "contiguous stretch)")
     p.add_argument("--split", default="test", choices=["calibration", "validation", "test", "all"])
-    p.add_argument("--tokens", type=int, default=16384, help="tokens to evaluate")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: = window)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--tokens", type=positive_int, default=16384, help="tokens to evaluate")
+    p.add_argument("--window", type=window_int, default=1024)
+    p.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (default: = window)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import actsparse as asp
     from actsparse.eval.perplexity import perplexity
     from actsparse.io import write_json
 
-    apply_threads(args)
-    model, tok = asp.load(args.model, dtype=args.dtype)
+    setup(args)
+    if args.json:
+        check_output(args.json, "--json")
+    model, tok = load_causal_lm(args, "`actsparse eval`")
     if args.plan is not None:
-        from actsparse.sparsify.plan import load_plan
-
-        load_plan(model, args.plan)
+        load_plan_from_args(model, args)
     res = perplexity(model, args.data, tokenizer=tok, split=args.split, window=args.window, stride=args.stride,
-                     tokens=args.tokens, batch_size=args.batch_size, progress=not args.no_progress)
+                     tokens=args.tokens, batch_size=args.batch_size, progress=not args.no_progress,
+                     sampling=args.sampling, **text_options(args))
     print(res)
     for kind, s in res.reached_sparsity.items():
         print(f"  reached sparsity {kind}: {s:.3f}")

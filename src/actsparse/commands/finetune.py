@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import apply_threads, positive_int
+from actsparse.commands.common import check_output, nonnegative_int, positive_int, setup, window_int
 
 EPILOG = """\
 examples:
@@ -68,7 +68,7 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=None, help="cap on training tokens (default: whole split)")
     p.add_argument("--eval-split", default="test", choices=["validation", "test"],
                    help="held-out documents for the final perplexity (default: %(default)s)")
-    p.add_argument("--eval-tokens", type=int, default=8192,
+    p.add_argument("--eval-tokens", type=nonnegative_int, default=8192,
                    help="tokens of --eval-split to evaluate; 0 skips the evaluation (default: %(default)s)")
     p.add_argument("--eval-batch-size", type=positive_int, default=4,
                    help="windows per forward in the final evaluation (default: %(default)s)")
@@ -78,10 +78,11 @@ def register(sub) -> None:
                         "and evaluate again")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (default: 0)")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=0,
+                   help="linear learning-rate warm-up steps (default: 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip; 0 disables (default: 1.0)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per update (default: %(default)s)")
-    p.add_argument("--window", type=positive_int, default=256, help="tokens per window (default: %(default)s)")
+    p.add_argument("--window", type=window_int, default=256, help="tokens per window (default: %(default)s)")
     p.add_argument("--sites", default="mlp.down:input",
                    help="where the L1 loss and sparsity are measured (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, metavar="K",
@@ -90,7 +91,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/latest.json (settings must match the interrupted run)")
     p.add_argument("--no-save-model", action="store_true", help="do not write OUT/model at the end")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -99,7 +100,8 @@ def run(args) -> int:
     from actsparse.experiments.finetune import finetune
     from actsparse.train.loop import FinetuneConfig
 
-    apply_threads(args)
+    setup(args)
+    check_output(args.out, "--out", directory=True)
     config = FinetuneConfig(
         model=args.model, relufy=args.relufy, after_norms=args.after_norms, schedule=args.schedule, lam=args.lam,
         stages=args.stages, steps=args.steps, data=args.data, split=args.split, max_tokens=args.max_tokens,

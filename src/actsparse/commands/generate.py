@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from actsparse.commands.common import add_model_options, apply_threads, positive_int
-from actsparse.errors import ConfigError
+from actsparse.commands.common import (add_model_options, add_plan_options, load_causal_lm, load_plan_from_args,
+                                       positive_int, setup)
+from actsparse.errors import ConfigError, UnsupportedError
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example: actsparse generate --plan plan/ --dtype bfloat16 --prompt 'The history of Paris'")
     add_model_options(p)
-    p.add_argument("--plan", type=Path, default=None, help="a plan directory written by `actsparse calibrate`")
+    add_plan_options(p)
     p.add_argument("--prompt", default="The history of the city of Paris", help="prompt text")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -32,20 +32,49 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_fast_engine(model, name: str) -> None:
+    """Refuse a model the fast engine cannot run with advice that works from this command:
+    ``--engine hf`` (with a plan on mapped architectures; dense only on the generic fallback,
+    where no plan can be made)."""
+    from actsparse.decode.plan import SUPPORTED_TYPES, check_model
+    from actsparse.models.sitemaps import site_map
+
+    try:
+        check_model(model)
+    except UnsupportedError as err:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type in SUPPORTED_TYPES:  # not the architecture: dtype or device, the message says how
+            raise
+        if site_map(model, warn=False).family == "generic":
+            how = ("use `--engine hf` (model.generate), dense only: this architecture has no site map, so no "
+                   "sparsity plan can be calibrated for it")
+        else:
+            how = "use `--engine hf` (model.generate; with --plan it decodes on the sparse kernels via accelerate_)"
+        raise UnsupportedError(f"the fast engine (FastDecoder) runs LLaMA-style models "
+                               f"({', '.join(SUPPORTED_TYPES)}), and {name} is {model_type!r}: {how}") from err
+
+
 def run(args) -> int:
     import torch
 
     import actsparse as asp
+    from actsparse.models.loading import max_positions
 
-    apply_threads(args)
+    setup(args)
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-    model, tok = asp.load(args.model, dtype=args.dtype)
+    model, tok = load_causal_lm(args, "`actsparse generate`")
+    if args.engine == "fast":
+        check_fast_engine(model, args.model)
     if args.plan is not None:
-        asp.load_plan(model, args.plan)
+        load_plan_from_args(model, args)
     ids = tok(args.prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
         raise ConfigError("the prompt is empty after tokenisation")
+    limit = max_positions(model)
+    if limit is not None and ids.numel() + args.max_new_tokens > limit:
+        raise ConfigError(f"the prompt ({ids.numel()} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds "
+                          f"{args.model}'s {limit} positions; lower --max-new-tokens or shorten the prompt")
     print(args.prompt, end="", flush=True)
     shown = []
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import add_data_options, add_model_options, apply_threads
+from actsparse.commands.common import (add_data_options, add_model_options, check_output, check_sites, setup,
+                                       text_options)
 
 
 def register(sub) -> None:
@@ -34,12 +35,15 @@ def run(args) -> int:
     import actsparse as asp
     from actsparse.report.profile_report import write_profile_report
 
-    apply_threads(args)
+    setup(args)
+    check_output(args.out, "--out", directory=True)
     model, tok = asp.load(args.model, dtype=args.dtype)
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    check_sites(model, sites)
     prof = asp.profile(model, tok, args.data, split=args.split, tokens=args.tokens, window=args.window,
                        batch_size=args.batch_size, sites=sites, flow_threshold=args.flow_eps,
-                       progress=not args.no_progress, model_name=args.model)
+                       progress=not args.no_progress, model_name=args.model, sampling=args.sampling,
+                       **text_options(args))
     prof.save(args.out)
     md, html = write_profile_report(args.out)
     print(f"profiled {prof.meta['data']['tokens']} tokens in {prof.meta['seconds']:.1f} s; "

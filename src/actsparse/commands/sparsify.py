@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import add_data_options, add_model_options, apply_threads
+from actsparse.commands.common import (add_data_options, add_model_options, check_output, load_causal_lm, setup,
+                                       text_options)
+
 
 def config_from_args(args):
     """The method config the options name: ``--method`` (a method or preset), ``--sparsity``
@@ -35,7 +37,15 @@ def parse_overrides(items) -> list:
         pat, sep, val = item.rpartition("=")
         if not sep or not pat:
             raise ConfigError(f"--override takes PATTERN=SPARSITY or PATTERN=dense, got {item!r}")
-        out.append((pat, None if val.strip().lower() in ("dense", "none") else float(val)))
+        val = val.strip().lower()
+        if val in ("dense", "none"):
+            out.append((pat, None))
+            continue
+        try:
+            out.append((pat, float(val)))
+        except ValueError:
+            raise ConfigError(f"--override {item!r}: {val!r} is not a sparsity; use PATTERN=S with S in [0, 1) "
+                              "(e.g. 'model.layers.0.*=0.3') or PATTERN=dense") from None
     return out
 
 
@@ -70,17 +80,21 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import actsparse as asp
     from actsparse.data.text import text, token_windows
+    from actsparse.models.loading import check_window
     from actsparse.sparsify.api import sparsify_
     from actsparse.sparsify.plan import save_plan
 
-    apply_threads(args)
+    setup(args)
+    check_output(args.out, "--out", directory=True)
     config = config_from_args(args)
-    model, tok = asp.load(args.model, dtype=args.dtype)
-    windows = token_windows(tok, text(args.data, args.split), window=args.window, max_tokens=args.tokens)
+    model, tok = load_causal_lm(args, "`actsparse calibrate`")
+    check_window(model, args.window)
+    windows = token_windows(tok, text(args.data, args.split, **text_options(args)), window=args.window,
+                            max_tokens=args.tokens, sampling=args.sampling)
     sparsify_(model, config, calibration=windows, batch_size=args.batch_size, progress=not args.no_progress)
     save_plan(model, args.out, meta={"model": args.model, "data": args.data, "split": args.split,
-                                     "tokens": windows.tokens, "window": args.window})
+                                     "tokens": windows.tokens, "window": args.window, "sampling": windows.sampling,
+                                     "windows": len(windows), "windows_available": windows.available})
     print(f"calibrated {config.METHOD} on {windows.tokens} tokens of {args.data}/{args.split}; wrote {args.out}")
     return 0

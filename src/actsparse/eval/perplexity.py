@@ -32,6 +32,7 @@ class PerplexityResult:
     seconds: float
     reached_sparsity: dict = field(default_factory=dict)  # per site kind, on this data (sparse models)
     bytes_skipped: float | None = None  # fraction of block linear weight bytes skippable per token
+    sampling: str | None = None  # how the windows were chosen from the split: spread, prefix (None: given)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,6 +40,8 @@ class PerplexityResult:
     @property
     def protocol(self) -> str:
         mode = "non-overlapping" if self.stride == self.window else f"sliding, stride {self.stride}"
+        if self.sampling:
+            mode += f", {self.sampling}"
         return (f"{self.data}/{self.split}, {self.windows} x {self.window}-token windows ({mode}), "
                 f"{self.tokens} scored tokens")
 
@@ -76,21 +79,36 @@ def _nll_batch(model, ids, mask, score_from: int = 0, extra=None):
 @torch.no_grad()
 def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "test", window: int = 1024,
                stride: int | None = None, tokens: int | None = None, batch_size: int = 1,
-               progress: bool = False) -> PerplexityResult:
+               progress: bool = False, sampling: str | None = None, text_field: str = "text",
+               encoding: str = "utf-8", doc_separator: str | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on ``data``: a :class:`~actsparse.data.text.Windows`, a corpus name
-    or path (tokenised with ``tokenizer``; ``split`` picks the documents) or a list of documents.
-    ``tokens`` caps the evaluated tokens. If the model is sparsified, the reached sparsity per
+    or path (tokenised with ``tokenizer``; ``split`` picks the documents; ``text_field``,
+    ``encoding``, ``doc_separator`` say how files are read) or a list of documents.
+    ``tokens`` caps the evaluated tokens; ``sampling`` says which windows a cap takes:
+    ``"spread"`` (evenly over the split; the default for non-overlapping windows) or
+    ``"prefix"`` (the first tokens; the default, and the only choice, for sliding windows,
+    which score one contiguous stretch). If the model is sparsified, the reached sparsity per
     site kind on this data and the weight bytes skipped are recorded too."""
     import inspect
 
     from tqdm.auto import tqdm
 
     from actsparse.data.text import Windows, text, token_windows
+    from actsparse.models.loading import check_window, require_causal_lm
     from actsparse.sparsify.modules import bytes_skipped, iter_sparse_modules, reached_sparsity, reset_counts
 
+    require_causal_lm(model, what="perplexity")
+    check_window(model, data.input_ids.shape[1] if isinstance(data, Windows) else window)
+    if tokens is not None and tokens < 1:
+        raise DataError(f"tokens must be a positive number of tokens (or None for the whole split), got {tokens}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     stride = stride or window
     if stride > window or stride < 1:
         raise DataError(f"stride must be in [1, window={window}], got {stride}")
+    sliding = stride != window
+    if sampling is None:
+        sampling = "prefix" if sliding else "spread"
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     if isinstance(data, Windows):
         if stride != window:
@@ -98,15 +116,20 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         windows, source, split_name = data, "windows", "-"
         window = data.input_ids.shape[1]
         stride = window
+        sampling = data.sampling
     else:
         if tokenizer is None:
             raise DataError("perplexity on text needs the tokenizer")
-        docs = text(data, split) if isinstance(data, str) else list(data)
+        if sliding and sampling != "prefix":
+            raise DataError("sliding evaluation (stride < window) scores one contiguous stretch of text: "
+                            "use sampling='prefix' (--sampling prefix)")
+        docs = (text(data, split, text_field=text_field, encoding=encoding, doc_separator=doc_separator)
+                if isinstance(data, str) else list(data))
         source = data if isinstance(data, str) else "documents"
         split_name = split if isinstance(data, str) else "-"
         windows = None
-        if stride == window:
-            windows = token_windows(tokenizer, docs, window=window, max_tokens=tokens)
+        if not sliding:
+            windows = token_windows(tokenizer, docs, window=window, max_tokens=tokens, sampling=sampling)
     sparse = any(True for _ in iter_sparse_modules(model))
     if sparse:
         reset_counts(model)
@@ -142,7 +165,7 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         raise DataError(f"the perplexity is not a number (mean NLL {nll}): the model produced NaN/inf logits on "
                         f"{source}/{split_name}; check its weights and dtype (fp16/bf16 overflow?)")
     result = PerplexityResult(math.exp(nll), nll, count, n_windows, window, stride, str(source), split_name,
-                              batch_size, seconds)
+                              batch_size, seconds, sampling=sampling)
     if sparse:
         result.reached_sparsity = reached_sparsity(model)
         result.bytes_skipped = bytes_skipped(model)

@@ -16,7 +16,7 @@ from torch import nn
 from actsparse.data.text import text, token_windows
 from actsparse.eval.perplexity import perplexity
 from actsparse.io import write_json
-from actsparse.models.loading import load
+from actsparse.models.loading import check_window, load, require_causal_lm
 from actsparse.train.fatrelu import fatrelu_
 from actsparse.train.loop import FinetuneConfig, train_loop
 from actsparse.train.losses import ActivationL1
@@ -42,6 +42,8 @@ def finetune(config: FinetuneConfig, out: str | os.PathLike, *, resume: bool = F
     save the final model to ``out/model`` and a summary to ``out/summary.json``."""
     out = Path(out)
     model, tok = load(config.model, dtype=dtype)
+    require_causal_lm(model, config.model, "fine-tuning with the LM loss")
+    check_window(model, config.window)
     changes = relufy_(model, after_norms=config.after_norms) if config.relufy else []
     windows = token_windows(tok, text(config.data, config.split), window=config.window, max_tokens=config.max_tokens)
     t0 = time.perf_counter()

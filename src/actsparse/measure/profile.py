@@ -142,24 +142,31 @@ class Profile:
 
 def profile(model: nn.Module, tokenizer=None, data="wiki", *, split: str = "calibration", tokens: int = 4096,
             window: int = 512, batch_size: int = 4, sites="default", eps=DEFAULT_EPS,
-            flow_threshold: float = 0.1, progress: bool = True, model_name: str | None = None) -> Profile:
+            flow_threshold: float = 0.1, progress: bool = True, model_name: str | None = None,
+            sampling: str = "spread", text_field: str = "text", encoding: str = "utf-8",
+            doc_separator: str | None = None) -> Profile:
     """Run ``model`` over ``tokens`` tokens of ``data`` and capture statistics at ``sites``.
 
-    ``data`` is an embedded corpus name (wiki, news), a path, a list of documents, or a
-    :class:`~actsparse.data.text.Windows`. Padding never enters a statistic.
+    ``data`` is an embedded corpus name (wiki, news), a path (read with ``text_field``,
+    ``encoding``, ``doc_separator``), a list of documents, or a
+    :class:`~actsparse.data.text.Windows`; ``sampling`` (spread, prefix) says which windows of
+    the split ``tokens`` takes. Padding never enters a statistic.
     """
     from actsparse.data.text import Windows, text, token_windows
+    from actsparse.models.loading import check_window
 
+    check_window(model, data.input_ids.shape[1] if isinstance(data, Windows) else window)
     if isinstance(data, Windows):
         windows, source = data, "windows"
     else:
         if tokenizer is None:
             raise ValueError("profile needs the tokenizer to tokenise text data")
-        docs = text(data, split) if isinstance(data, str) else list(data)
+        docs = (text(data, split, text_field=text_field, encoding=encoding, doc_separator=doc_separator)
+                if isinstance(data, str) else list(data))
         source = data if isinstance(data, str) else "documents"
         if tokens < window:
             raise DataError(f"--tokens {tokens} is fewer than one window of {window}; use at least {window}")
-        windows = token_windows(tokenizer, docs, window=window, max_tokens=tokens)
+        windows = token_windows(tokenizer, docs, window=window, max_tokens=tokens, sampling=sampling)
     smap = site_map(model)
     start = time.perf_counter()
     with capture(model, sites, eps=eps, flow_threshold=flow_threshold, smap=smap) as cap:
@@ -175,7 +182,8 @@ def profile(model: nn.Module, tokenizer=None, data="wiki", *, split: str = "cali
         "family": smap.family,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "data": {"source": source, "split": split, "tokens": seen, "window": window,
-                 "windows": len(windows), "batch_size": batch_size},
+                 "windows": len(windows), "batch_size": batch_size, "sampling": windows.sampling,
+                 "windows_available": windows.available},
         "eps": list(cap.eps), "flow_threshold": flow_threshold,
         "seconds": seconds, "tokens_per_s": seen / seconds if seconds else None,
         "environment": environment(),

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from actsparse.cache import cache_dir
-from actsparse.errors import ModelNotFoundError
+from actsparse.io import current_umask
+from actsparse.errors import ConfigError, ModelNotFoundError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,7 @@ def _from_pretrained(where, torch_dtype):
         ) from err
     except (ValueError, json.JSONDecodeError) as err:
         raise ModelNotFoundError(f"{where_s}/config.json is not a valid model config: {err}") from err
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or getattr(config, "is_decoder", False)
-    cls = AutoModelForCausalLM if causal else AutoModel
+    cls = AutoModelForCausalLM if maps_to_causal_lm(config) else AutoModel
     try:
         model = cls.from_pretrained(where_s, dtype=torch_dtype)
     except OSError as err:
@@ -145,6 +145,70 @@ def _from_pretrained(where, torch_dtype):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def maps_to_causal_lm(config) -> bool:
+    """Whether to load ``config`` with transformers' causal-LM auto class (so the model gets
+    its LM head): its model type maps to a causal-LM class (GPT-2's ``GPT2LMHeadModel``
+    included) and it is not an encoder checkpoint. Model types that also have a masked-LM
+    class (BERT, RoBERTa, ...) are causal only when the checkpoint says so (a declared
+    ``*ForCausalLM`` / the mapped class, or ``is_decoder``)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    model_type = getattr(config, "model_type", None)
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForCausalLM") or (mapped is not None and a == mapped) for a in archs):
+        return True
+    if mapped is None:
+        return False
+    return bool(getattr(config, "is_decoder", False)) or model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def _model_name(model: nn.Module, name: str | None) -> str:
+    return name or getattr(model, "actsparse_name", None) or type(model).__name__
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts the next token: it has an output embedding (LM head) and
+    can generate (transformers' causal-LM classes)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    can_generate = getattr(model, "can_generate", None)
+    return head is not None and (not callable(can_generate) or bool(can_generate()))
+
+
+def require_causal_lm(model: nn.Module, name: str | None = None, what: str = "this command") -> None:
+    """Refuse a model without a causal-LM head (an encoder such as the embedded ``minilm``)
+    for something that predicts tokens (perplexity, calibration on text, generation)."""
+    if is_causal_lm(model):
+        return
+    name = _model_name(model, name)
+    raise UnsupportedError(
+        f"{name} ({type(model).__name__}) is not a causal language model (no LM head that predicts the next "
+        f"token), which {what} needs. Use a causal LM (e.g. smollm2-135m, a LLaMA/Gemma/GPT-2/OPT checkpoint). "
+        f"What works with {name}: measuring its activations with `actsparse profile --model {name}` "
+        f"(Python: asp.profile)"
+    )
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if unbounded / unknown)."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        n = getattr(config, attr, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_window(model: nn.Module, window: int, name: str | None = None, option: str = "--window") -> None:
+    """Refuse a sequence length the model's positions do not cover."""
+    limit = max_positions(model)
+    if limit is not None and window > limit:
+        raise ConfigError(f"{option} {window} is longer than {_model_name(model, name)}'s {limit} positions "
+                          f"(max_position_embeddings); use {option} {limit} or less")
 
 
 def _embedded_dir(name: str) -> Path:
@@ -171,11 +235,13 @@ def _converted_gguf_dir(gguf: Path, cache_name: str | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to safetensors in %s (once; about 30 s)", gguf.name, target)
+    _check_gguf_file(gguf)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:
-        raise ModelNotFoundError(f"cannot read GGUF file {gguf}: {type(err).__name__}: {err}") from err
+        raise ModelNotFoundError(f"transformers cannot load the GGUF file {gguf} ({type(err).__name__}: {err}); "
+                                 "it may hold an architecture or quantisation transformers does not convert") from err
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -185,6 +251,7 @@ def _converted_gguf_dir(gguf: Path, cache_name: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "actsparse-converted.json").write_text(json.dumps({"gguf": str(gguf), "key": _file_key(gguf)}))
@@ -195,6 +262,26 @@ def _converted_gguf_dir(gguf: Path, cache_name: str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Refuse a file that is not a complete GGUF file before transformers trips over it."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelNotFoundError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:
+        raise ModelNotFoundError(f"{path} is truncated or corrupt: its GGUF header or tensor table cannot be read "
+                                 f"({type(err).__name__}: {err}); download or copy the file again") from None
+    if end > size:
+        raise ModelNotFoundError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; "
+                                 "download or copy the file again")
 
 
 def weights_identity(model: nn.Module) -> dict:

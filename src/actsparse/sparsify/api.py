@@ -9,6 +9,7 @@ whatever was built on top of the sparse modules (``accelerate_``).
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ def plan_assignments(model: nn.Module, config: SparsityConfig, stats=None, calib
     if calibration is not None and any(r.key not in stats for r in reqs):
         stats = calibrate(model, config, calibration, stats=stats, batch_size=batch_size, progress=progress)
     calib.check_enough(stats, reqs)
-    return handler.assign(target, stats)
+    assignments = handler.assign(target, stats)
+    target.check_overrides()
+    return assignments
 
 
 def sparsify_(model: nn.Module, config: SparsityConfig, stats=None, calibration=None, *,
@@ -132,6 +135,18 @@ def _build(model: nn.Module, a: Assignment) -> nn.Module:
     raise ConfigError(f"unknown sparse module type {a.module!r}")
 
 
+def check_paths(model: nn.Module, paths) -> None:
+    """Refuse sparse-module paths that name no module of ``model`` (a damaged plan, or one
+    made for another architecture), naming the closest paths."""
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        close = difflib.get_close_matches(missing[0], list(modules), n=3, cutoff=0.3)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        raise ConfigError(f"{len(missing)} sparse-module path(s) are not modules of this {type(model).__name__}: "
+                          f"{missing[0]!r}{hint}{' and others' if len(missing) > 1 else ''}")
+
+
 def install(model: nn.Module, config: SparsityConfig, assignments: list[Assignment], identity: dict | None = None) -> None:
     """Swap the sparse modules of ``assignments`` into ``model`` (all or nothing)."""
     from actsparse.models.loading import weights_identity
@@ -139,6 +154,7 @@ def install(model: nn.Module, config: SparsityConfig, assignments: list[Assignme
     if is_sparsified(model):
         raise StateError("the model is already sparsified; call desparsify_(model) first")
     identity = identity or weights_identity(model)
+    check_paths(model, [a.path for a in assignments])
     tracker = MaskTracker()
     device = next((p.device for p in model.parameters()), None)
     built: dict[str, nn.Module] = {}

@@ -20,6 +20,7 @@ from actsparse.errors import ConfigError
 FORMAT = "actsparse.plan/1"
 _TOP_KEYS = {"format", "actsparse", "method", "config", "model", "modules", "created", "meta"}
 _MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips", "width", "target"}
+_REQUIRED_MODULE_KEYS = ("path", "module")
 
 
 def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -> Path:
@@ -52,8 +53,6 @@ def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -
 
 def read_plan(path: str | Path):
     """Read and validate a plan: ``(config, identity, assignments, doc)``."""
-    from safetensors.torch import load_file
-
     from actsparse.sparsify.registry import Assignment, config_from_dict
 
     directory = Path(path)
@@ -73,14 +72,20 @@ def read_plan(path: str | Path):
     if missing:
         raise ConfigError(f"{jf} lacks key(s): {', '.join(sorted(missing))}")
     config = config_from_dict(doc["config"])
-    tensors = load_file(str(tf)) if tf.is_file() else {}
+    tensors = _read_tensors(tf)
+    if not isinstance(doc["modules"], list):
+        raise ConfigError(f"{jf}: 'modules' must be a list of module entries")
     assignments = []
-    for m in doc["modules"]:
+    for i, m in enumerate(doc["modules"]):
         if not isinstance(m, dict):
-            raise ConfigError(f"{jf}: every module entry must be an object")
+            raise ConfigError(f"{jf}: every module entry must be an object (entry {i} is not)")
         bad = set(m) - _MODULE_KEYS
         if bad:
             raise ConfigError(f"{jf}: module entry {m.get('path')!r} has unknown key(s): {', '.join(sorted(bad))}")
+        for key in _REQUIRED_MODULE_KEYS:
+            if not isinstance(m.get(key), str) or not m[key]:
+                raise ConfigError(f"{jf}: module entry {i} ({m.get('path', 'no path')!r}) lacks the string field "
+                                  f"{key!r}; the plan file is damaged: write it again with `actsparse calibrate`")
         thr = m.get("threshold")
         if isinstance(thr, dict):
             key = thr.get("tensor")
@@ -97,6 +102,19 @@ def read_plan(path: str | Path):
                                       mode=m.get("mode", "threshold"), k=m.get("k"), skips=tuple(m.get("skips", ())),
                                       width=m.get("width"), target=m.get("target")))
     return config, doc["model"], assignments, doc
+
+
+def _read_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"{path} is truncated or corrupt ({err}); write the plan again with "
+                          "`actsparse calibrate` (or copy the plan directory again)") from None
 
 
 def check_identity(expected: dict, actual: dict, where: str = "the plan", *, check_weights: bool = True) -> None:

@@ -7,6 +7,7 @@ and which weight rows a thresholded MLP activation lets a kernel skip.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 
@@ -39,6 +40,8 @@ class Target:
         self.model = model
         self.config = config
         self.smap = smap or site_map(model, warn=False)
+        self.considered: dict[str, None] = {}  # paths whose sparsity a handler asked for, in order
+        self.matched: set[str] = set()  # override patterns that matched one of them
 
     @property
     def layers(self) -> range:
@@ -92,7 +95,27 @@ class Target:
         """Sparsity of ``path`` after the overrides (default: the config's ``sparsity``)."""
         if default is ...:
             default = self.config.sparsity
+        self.considered[path] = None
+        self.matched.update(p for p, _ in getattr(self.config, "overrides", ()) if matches(p, path))
         return site_sparsity(self.config, path, default)
+
+    def check_overrides(self) -> None:
+        """Refuse override patterns that matched none of the sites the method considered
+        (a typo would otherwise leave the intended sites at the default sparsity)."""
+        unmatched = [p for p, _ in getattr(self.config, "overrides", ()) if p not in self.matched]
+        if not unmatched:
+            return
+        name = type(self.config).__name__
+        paths = list(self.considered)
+        lines = []
+        for pattern in unmatched:
+            close = difflib.get_close_matches(pattern.removeprefix("re:"), paths, n=3, cutoff=0.3)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            lines.append(f"{pattern!r}{hint}")
+        example = f" (e.g. {paths[0]})" if paths else ""
+        raise ConfigError(f"override pattern(s) matched no module that {name} sparsifies in this model: "
+                          f"{' | '.join(lines)}. Patterns are fnmatch globs (or re:REGEX) over module paths"
+                          f"{example}; {len(paths)} paths were considered")
 
     def act_skips(self, layer: int) -> tuple[str, ...]:
         """Linears whose weight rows a zero at the MLP activation lets a kernel skip: up and
