@@ -39,9 +39,11 @@ print(json.dumps({"tokens": cal.tokens, "windows": len(cal), "peak_after_load_kb
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="2048,4096,8192", help="comma-separated calibration token counts")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="actsparse-out/memory-calibration.json")
+    ap.add_argument("--tokens", default="2048,4096,8192",
+                    help="comma-separated calibration token counts (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    ap.add_argument("--out", default="actsparse-out/memory-calibration.json",
+                    help="JSON output (default: %(default)s)")
     args = ap.parse_args()
     from actsparse.io import write_json
     from actsparse.provenance import git_hash, machine_info

@@ -20,16 +20,17 @@ def _save(tmp_path, config_cls, tok, **kw):
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, smollm2):
-    from transformers import GemmaConfig, GPTNeoXConfig
+    from transformers import GemmaConfig, GPTNeoXConfig, OPTConfig
 
     _, tok = smollm2
     tmp = tmp_path_factory.mktemp("archs")
     return {"gemma": _save(tmp, GemmaConfig, tok, num_key_value_heads=1, head_dim=32),
-            "gpt_neox": _save(tmp, GPTNeoXConfig, tok)}
+            "gpt_neox": _save(tmp, GPTNeoXConfig, tok),
+            "opt": _save(tmp, OPTConfig, tok, ffn_dim=128, word_embed_proj_dim=64)}
 
 
 @pytest.mark.parametrize("arch, advice", [
-    ("gemma", "with --plan it decodes on the sparse kernels via accelerate_"),  # a mapped architecture
+    ("opt", "with --plan it decodes on the sparse kernels via accelerate_"),  # mapped, LayerNorm: not in FastDecoder
     ("gpt_neox", "dense only: this architecture has no site map"),  # the generic fallback
 ])
 def test_fast_engine_refusal_points_to_engine_hf(tiny_dirs, arch, advice, capsys):
@@ -42,6 +43,12 @@ def test_fast_engine_refusal_points_to_engine_hf(tiny_dirs, arch, advice, capsys
     assert "accelerate_(model)" not in err
     assert main(argv + ["--engine", "hf"]) == 0  # what the message recommends works
     assert "engine hf" in capsys.readouterr().err
+
+
+def test_fast_engine_runs_gemma(tiny_dirs, capsys):
+    """Gemma was refused before issue 13; now it decodes on the fast engine."""
+    assert main(["generate", "--model", tiny_dirs["gemma"], "--max-new-tokens", "3", "--no-stream"]) == 0
+    assert "engine fast" in capsys.readouterr().err
 
 
 def test_prompt_longer_than_the_positions_is_refused(tiny_dirs, capsys):

@@ -60,3 +60,30 @@ def test_ppl_p_search_bisects_once_per_knob(monkeypatch):
     r2 = ppl_p_search(model, lambda x: TEAL(sparsity=x), stats, val, dense, p=1e9, hi=0.8, steps=4)
     assert r2["knob"] == pytest.approx(0.8 * (1 - 1 / 16))
     assert r2["bytes_skipped"] > 0.5
+
+
+def test_per_window_nll_and_paired_bootstrap():
+    """Per-window sums add up to the perplexity, and the paired bootstrap interval of a ratio
+    contains the ratio, is narrower than the unpaired one, and is degenerate for a model
+    compared with itself."""
+    import sys, pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "sparsify"))
+    from sparsify_helpers import random_windows, tiny_llama
+
+    from actsparse.eval.perplexity import bootstrap_ratio
+    from actsparse.sparsify import TEAL, desparsify_, sparsify_
+
+    model = tiny_llama()
+    val = random_windows(n=6, seed=5)
+    dense = perplexity(model, val)
+    assert len(dense.window_nll) == 6 and sum(dense.window_tokens) == dense.tokens
+    assert abs(sum(dense.window_nll) / dense.tokens - dense.nll) < 1e-12
+    assert bootstrap_ratio(dense, dense) == (1.0, 1.0)
+    sparsify_(model, TEAL(sparsity=0.6), calibration=random_windows())
+    sparse = perplexity(model, val)
+    desparsify_(model)
+    lo, hi = bootstrap_ratio(sparse, dense)
+    ratio = sparse.ppl / dense.ppl
+    assert lo <= ratio <= hi and lo < hi
+    plo, phi = sparse.interval()
+    assert plo <= sparse.ppl <= phi

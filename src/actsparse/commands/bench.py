@@ -181,7 +181,7 @@ in a random order in every repeat:
   fast-sparse  FastDecoder on the sparsified model
 
 The plan (--method/--sparsity) is calibrated on the wiki calibration split. The
-model llama-1.1b is a LLaMA-shaped model of 1.1B parameters with random weights
+models llama-1.1b (TinyLlama's shape) and gemma3-1b (Gemma-3-1B's shape) have random weights
 (thresholds calibrated the same way); the HF engines are skipped for models above
 --hf-max-params (HF bf16 decoding of 1B parameters on this CPU is far slower than
 the best dense engine). Reports tokens/s (median, p10/p90), speedup over the best
@@ -190,7 +190,8 @@ ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
         epilog="example: actsparse bench decode --models smollm2-135m --dtypes bfloat16 --threads 1 --repeats 3",
     )
     p.add_argument("--models", type=_csv(str), default=["smollm2-135m", "llama-1.1b"], metavar="M[,M]",
-                   help="models: embedded names, local dirs, HF ids, or llama-1.1b (default: smollm2-135m,llama-1.1b)")
+                   help="models: embedded names (smollm2-135m, gemma3-270m), local dirs, HF ids, or the random-weight "
+                        "shapes llama-1.1b, gemma3-1b (default: smollm2-135m,llama-1.1b)")
     p.add_argument("--method", default="teal",
                    help="sparsification method of the plan (default teal); none = no plan, the natural "
                         "zeros of a ReLU model")

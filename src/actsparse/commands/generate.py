@@ -14,7 +14,8 @@ def register(sub) -> None:
         "generate", help="generate text, dense or with a sparsity plan, and print tokens/s",
         description="Greedy (or sampled) batch-1 generation. With --plan the model is sparsified by a "
                     "saved plan (actsparse calibrate) and decoded on the sparse CPU kernels. The fast "
-                    "engine (LLaMA-style models) runs each token in one compiled call; --engine hf uses "
+                    "engine (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) runs each token in one compiled "
+                    "call; --engine hf uses "
                     "model.generate (after accelerate_ when a plan is given), for any architecture.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example: actsparse generate --plan plan/ --dtype bfloat16 --prompt 'The history of Paris'")
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["fast", "hf"], default="fast",
-                   help="fast: actsparse FastDecoder (LLaMA-style); hf: model.generate")
+                   help="fast: actsparse FastDecoder (RoPE decoders with RMSNorm); hf: model.generate")
     p.add_argument("--dense", action="store_true", help="ignore the plan's sparsity in the fast engine (baseline)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     p.set_defaults(func=run)
@@ -50,7 +51,7 @@ def check_fast_engine(model, name: str) -> None:
                    "sparsity plan can be calibrated for it")
         else:
             how = "use `--engine hf` (model.generate; with --plan it decodes on the sparse kernels via accelerate_)"
-        raise UnsupportedError(f"the fast engine (FastDecoder) runs LLaMA-style models "
+        raise UnsupportedError(f"the fast engine (FastDecoder) runs RoPE decoders with RMSNorm "
                                f"({', '.join(SUPPORTED_TYPES)}), and {name} is {model_type!r}: {how}") from err
 
 

