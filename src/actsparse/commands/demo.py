@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
+import time
 from pathlib import Path
 
 from actsparse.commands.common import apply_threads, positive_int
@@ -11,6 +12,10 @@ from actsparse.commands.common import apply_threads, positive_int
 # the methods whose plans the demo evaluates and times, at one target sparsity
 DEMO_METHODS = "teal,cats,chess,topk,wina"
 WINDOW = 512
+# one window per forward: with 4 the short-lived per-batch tensors (activations, their codes, the
+# B x T x vocab logits) made the allocator's heap grow to 7.4 GB over the demo; with 1 it peaks
+# at about 1.7 GB, and it is no slower on 2 cores
+BATCH = 1
 
 
 def register(sub) -> None:
@@ -47,16 +52,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-class PhaseMemory:
-    """Peak resident memory of this process after each phase of the demo (Linux reports
-    ``ru_maxrss`` in KiB), and the resident memory at that point."""
+class Phases:
+    """Per phase of the demo: its wall time, the peak resident memory of the process so far
+    (Linux reports ``ru_maxrss`` in KiB) and the resident memory at its end."""
 
     def __init__(self):
         self.phases: list[dict] = []
+        self._last = time.perf_counter()
 
     def mark(self, phase: str) -> None:
+        now = time.perf_counter()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.phases.append({"phase": phase, "peak_rss_mb": peak, "rss_mb": _current_rss_mb()})
+        self.phases.append({"phase": phase, "seconds": now - self._last, "peak_rss_mb": peak,
+                            "rss_mb": _current_rss_mb()})
+        self._last = now
 
 
 def _current_rss_mb() -> float | None:
@@ -73,35 +82,39 @@ def run(args) -> int:
     from actsparse.report.decode_report import add_frontier_section
     from actsparse.report.document import Report, remove_report
     from actsparse.report.profile_report import add_profile_section
+    from actsparse.sparsify.registry import make_config
 
     apply_threads(args)
     out: Path = args.out
+    methods = [m.strip() for m in args.quality_methods.split(",") if m.strip()]
+    configs = {m: make_config(m, args.quality_sparsity) for m in methods}  # validates every name first
     remove_report(out)  # a run that fails part-way must not leave an old report beside new results
-    memory = PhaseMemory()
+    phases = Phases()
     model, tok = asp.load(args.model)
-    memory.mark("load fp32 model")
-    prof = asp.profile(model, tok, "wiki", split="calibration", tokens=args.tokens, window=WINDOW, batch_size=4,
+    phases.mark("load fp32 model")
+    prof = asp.profile(model, tok, "wiki", split="calibration", tokens=args.tokens, window=WINDOW, batch_size=BATCH,
                        progress=not args.no_progress, model_name=args.model)
     prof.save(out / "profile")
     del prof
-    memory.mark("profile")
     report = Report(f"actsparse demo: {args.model}")
     add_profile_section(report, read_json(out / "profile" / "profile.json"), out)
+    phases.mark("profile and its plots")
     if args.quality_tokens:
-        quality, stats = _quality(args, model, tok, report, out, memory)
+        quality, stats = _quality(args, configs, model, tok, report, out, phases)
         if args.decode_tokens:
             del model  # the decode part loads the bf16 model; the fp32 one is not needed any more
             gc.collect()
-            decode = _decode_speed(args, stats, report, out, memory)
+            decode = _decode_speed(args, stats, report, out, phases)
             add_frontier_section(report, quality, decode, out)
-    write_json(out / "memory.json", {"phases": memory.phases})
-    _memory_section(report, memory)
+    write_json(out / "phases.json", {"phases": phases.phases})
+    _phases_section(report, phases)
     md, html = report.write(out)
-    print(f"wrote {md} and {html}; peak memory {memory.phases[-1]['peak_rss_mb'] / 1024:.2f} GB")
+    total = sum(p["seconds"] for p in phases.phases)
+    print(f"wrote {md} and {html}; {total:.0f} s, peak memory {phases.phases[-1]['peak_rss_mb'] / 1024:.2f} GB")
     return 0
 
 
-def _quality(args, model, tok, report, out: Path, memory: PhaseMemory) -> tuple[dict, dict]:
+def _quality(args, configs: dict, model, tok, report, out: Path, phases: Phases) -> tuple[dict, dict]:
     """Per method: calibrate on the calibration split, evaluate on the test split (one method's
     statistics at a time). Adds the section; returns the JSON and each method's statistics."""
     from actsparse.data.text import text, token_windows
@@ -109,23 +122,20 @@ def _quality(args, model, tok, report, out: Path, memory: PhaseMemory) -> tuple[
     from actsparse.io import write_json
     from actsparse.report.quality_report import add_quality_section
     from actsparse.sparsify.api import calibrate, desparsify_, sparsify_, thresholds_table
-    from actsparse.sparsify.registry import make_config
 
-    methods = [m.strip() for m in args.quality_methods.split(",") if m.strip()]
-    configs = {m: make_config(m, args.quality_sparsity) for m in methods}  # validates every name first
     s = args.quality_sparsity
     progress = not args.no_progress
     cal = token_windows(tok, text("wiki", "calibration"), window=WINDOW, max_tokens=args.quality_tokens)
     test = token_windows(tok, text("wiki", "test"), window=WINDOW, max_tokens=args.quality_tokens)
     dense = perplexity(model, test, progress=progress, desc="perplexity, dense")
-    memory.mark("dense perplexity")
+    phases.mark("dense perplexity")
     doc = {"model": args.model, "dtype": "float32",
            "protocol": {"data": "wiki", "calibration": {"split": "calibration", "tokens": cal.tokens, "window": WINDOW},
                         "evaluation": {"split": "test", "window": WINDOW, "windows": len(test), "stride": WINDOW}},
            "dense": dense.to_dict(), "results": []}
     doc["thresholds"], stats = {}, {}
     for m, config in configs.items():
-        stats[m] = calibrate(model, [config], cal, progress=progress)
+        stats[m] = calibrate(model, [config], cal, batch_size=BATCH, progress=progress)
         sparsify_(model, config, stats=stats[m])
         try:
             r = perplexity(model, test, progress=progress, desc=f"perplexity, {m}")
@@ -134,7 +144,7 @@ def _quality(args, model, tok, report, out: Path, memory: PhaseMemory) -> tuple[
             desparsify_(model)
         doc["results"].append({"method": m, "target": s, "ppl": r.ppl, "ratio": r.ppl / dense.ppl,
                                "reached_sparsity": r.reached_sparsity, "bytes_skipped": r.bytes_skipped})
-        memory.mark(f"{m}: calibrate + perplexity")
+        phases.mark(f"{m}: calibrate + perplexity")
         print(f"{m} @ {s}: PPL {r.ppl:.2f} (dense {dense.ppl:.2f})", flush=True)
     write_json(out / "quality.json", doc)
     add_quality_section(report, doc, out, title=f"Quality at {s:.0%} target sparsity (demo budget)",
@@ -145,7 +155,7 @@ def _quality(args, model, tok, report, out: Path, memory: PhaseMemory) -> tuple[
     return doc, stats
 
 
-def _decode_speed(args, stats: dict, report, out: Path, memory: PhaseMemory) -> dict:
+def _decode_speed(args, stats: dict, report, out: Path, phases: Phases) -> dict:
     """bf16 FastDecoder tokens/s: dense vs every plan of the quality part (thresholds from
     its fp32 calibration statistics)."""
     import torch
@@ -168,7 +178,7 @@ def _decode_speed(args, stats: dict, report, out: Path, memory: PhaseMemory) -> 
                             progress=not args.no_progress)
     finally:
         torch.set_num_threads(threads)
-    memory.mark("decode timing (bf16 model, one decoder per plan)")
+    phases.mark("decode timing (bf16 model, one decoder per plan)")
     write_json(out / "decode.json", doc)
     add_decode_section(report, doc)
     for r in doc["rows"]:
@@ -179,11 +189,11 @@ def _decode_speed(args, stats: dict, report, out: Path, memory: PhaseMemory) -> 
     return doc
 
 
-def _memory_section(report, memory: PhaseMemory) -> None:
-    report.heading("Memory")
-    report.text("Peak resident memory of the demo process up to the end of each phase (the peak never falls; "
-                "'resident' is what the process held at that point, including memory freed but kept by the "
-                "allocator).")
-    report.table(["phase", "peak RSS so far (GB)", "resident (GB)"],
-                 [[p["phase"], f"{p['peak_rss_mb'] / 1024:.2f}",
-                   "-" if p["rss_mb"] is None else f"{p['rss_mb'] / 1024:.2f}"] for p in memory.phases])
+def _phases_section(report, phases: Phases) -> None:
+    report.heading("Time and memory")
+    report.text("Wall time of each phase, and the peak resident memory of the demo process up to its end (the "
+                "peak never falls; 'resident' is what the process held at that point, including memory freed but "
+                "kept by the allocator).")
+    report.table(["phase", "seconds", "peak RSS so far (GB)", "resident (GB)"],
+                 [[p["phase"], f"{p['seconds']:.1f}", f"{p['peak_rss_mb'] / 1024:.2f}",
+                   "-" if p["rss_mb"] is None else f"{p['rss_mb'] / 1024:.2f}"] for p in phases.phases])

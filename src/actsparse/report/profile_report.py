@@ -81,7 +81,7 @@ def _layers_cell(table: dict) -> str:
 def _dormant_cell(agg: dict) -> str:
     worst = agg.get("dormant_ratio_0.1_max")
     mean = pct(agg["dormant_ratio_0.1"])
-    return f"{mean} ({pct(worst['value'])}, layer {worst['layer']})" if worst else mean
+    return f"{mean} ({pct(worst['value'])}, layer {worst['layer']})" if worst and worst["value"] > 0 else mean
 
 
 def _nonfinite_layers(kinds: dict) -> str:
