@@ -247,42 +247,63 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
             "wall_s": time.perf_counter() - t0, "groups": groups}
 
 
-def measure_plans(model, tok, plans: dict, *, new_tokens: int = 32, repeats: int = 3,
-                   prompt: str = "The history of the city of Paris", seed: int = 0) -> dict:
+def measure_plans(model, tok, plans: dict, *, new_tokens: int = 32, repeats: int = 7, warmup: int = 1,
+                  prompt: str = "The history of the city of Paris", seed: int = 0, progress: bool = False) -> dict:
     """tokens/s of FastDecoder on ``model`` dense and under each plan (name -> callable that
-    sparsifies the model in place); runs interleaved in a random order per repeat."""
+    sparsifies the model in place).
+
+    Every decoder first runs ``warmup`` untimed full-length generations (numba dispatch, the
+    kernel cache, the KV cache pages); then ``repeats`` rounds, each running every engine once
+    in a fresh random order. Per plan: median tokens/s with p10-p90, the speedup over dense
+    (median and p10-p90 of the per-round ratios), the bytes read per token dense and at the
+    sparsity reached while decoding, and the Amdahl ceiling they allow; a median speedup above
+    its ceiling cannot come from the skipped bytes and is flagged (``above_ceiling``)."""
     from actsparse.decode import FastDecoder
     from actsparse.sparsify.api import desparsify_
 
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     ids = tok(prompt, return_tensors="pt").input_ids[0]
     max_len = ids.numel() + new_tokens + 1
     decoders = {"dense": FastDecoder(model, max_len=max_len, dense=True)}
-    samples = {}
     for name, apply in plans.items():
         apply(model)
         decoders[name] = FastDecoder(model, max_len=max_len)  # keeps its thresholds after desparsify_
         desparsify_(model)
-    for dec in decoders.values():
-        dec.generate(ids, 3)  # compile / load the kernel cache
+    samples, skipped = {}, {}
 
     def runner(name):
         def run():
             r = decoders[name].generate(ids, new_tokens)
             samples[name] = tok.decode(r.tokens)
+            skipped[name] = decoders[name].weight_skip()
             return r.tokens_per_s
         return run
 
-    runs = interleaved({n: runner(n) for n in decoders}, repeats, rng=random.Random(seed))
-    dense = float(np.median(runs["dense"]))
+    runners = {n: runner(n) for n in decoders}
+    rng = random.Random(seed)
+    bar = tqdm(total=(warmup + repeats) * len(runners), desc="decode runs", unit="run", disable=not progress)
+    interleaved(runners, warmup, rng=rng, after=lambda _n: bar.update(1))
+    runs = interleaved(runners, repeats, rng=rng, after=lambda _n: bar.update(1))
+    bar.close()
+    wb = weight_bytes(model)
+    dense_b = bytes_per_token(wb, None)
     rows = []
     for n, xs in runs.items():
-        med = float(np.median(xs))
-        rows.append({"engine": n, "tokens_per_s": med, "runs": xs, "speedup": med / dense,
+        sparse_b = bytes_per_token(wb, skipped[n] if n != "dense" else None)
+        ratios = [x / d for x, d in zip(xs, runs["dense"])]  # round by round: the same conditions
+        speedup = spread(ratios)
+        ceiling = dense_b / sparse_b
+        rows.append({"engine": n, "tokens_per_s": _summary(xs), "speedup": {k: speedup[k] for k in ("median", "p10", "p90")},
+                     "bytes_per_token": sparse_b, "amdahl_ceiling": ceiling,
+                     "above_ceiling": n != "dense" and speedup["median"] > ceiling,
                      "decode_sparsity": decoders[n].decode_sparsity() if n != "dense" else {},
-                     "weight_skip": decoders[n].weight_skip() if n != "dense" else {},
-                     "sample": samples[n]})
+                     "weight_skip": skipped[n] if n != "dense" else {}, "sample": samples[n]})
     return {"dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "new_tokens": new_tokens, "repeats": repeats, "prompt": prompt, "rows": rows}
+            "new_tokens": new_tokens, "prompt": prompt, "prompt_tokens": int(ids.numel()), "warmup": warmup,
+            "repeats": repeats, "bytes_per_token": {"dense": dense_b, "lm_head": wb["lm_head"],
+                                                   "block_linears": sum(wb["roles"].values())},
+            "rows": rows}
 
 
 def plot(result: dict, path):

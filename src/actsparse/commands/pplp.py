@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--into", type=Path, default=None,
                    help="also store them under 'pplp' in this sweep JSON (refused if it was made with another "
                         "model, dtype or data)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=run)
 
 
@@ -87,14 +87,14 @@ def run(args) -> int:
                         max_tokens=args.calib_tokens, sampling=args.sampling)
     val = token_windows(tok, text(args.data, "validation", **reading), window=args.window, max_tokens=args.tokens,
                         sampling=args.sampling)
-    dense = perplexity(model, val)
+    dense = perplexity(model, val, progress=not args.no_progress, desc="perplexity, dense")
     results = {}
     for m in methods:
         # one family's statistics at a time: all families together held > 11 GB on SmolLM2
         stats = calibrate(model, [make_config(m, 0.5)], cal, progress=not args.no_progress)
         hi = args.hi if args.hi is not None else HI.get(m, 0.6)
         r = ppl_p_search(model, lambda x, m=m: make_config(m, x), stats, val, dense.ppl, p=args.p, hi=hi,
-                         steps=args.steps)
+                         steps=args.steps, progress=not args.no_progress, desc=f"pplp {m}")
         r["protocol"].update({"data": args.data, "text_options": reading, "split": "validation",
                               "sampling": val.sampling, "calibration_tokens": cal.tokens,
                               "calibration_sampling": cal.sampling})

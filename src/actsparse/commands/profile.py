@@ -33,7 +33,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import actsparse as asp
-    from actsparse.report.profile_report import write_profile_report
 
     setup(args)
     check_output(args.out, "--out", directory=True)
@@ -45,7 +44,26 @@ def run(args) -> int:
                        progress=not args.no_progress, model_name=args.model, sampling=args.sampling,
                        **text_options(args))
     prof.save(args.out)
-    md, html = write_profile_report(args.out)
+    md, html = render_report(args.out)
     print(f"profiled {prof.meta['data']['tokens']} tokens in {prof.meta['seconds']:.1f} s; "
           f"wrote {args.out / 'profile.json'}, {md}, {html}")
     return 0
+
+
+def render_report(out: Path) -> tuple[Path, Path]:
+    """Render OUT/report.md and .html from the profile just saved there. If rendering fails,
+    the previous report (which no longer matches profile.json) is removed and the error says
+    that the profile itself is safe."""
+    from actsparse.errors import DataError
+    from actsparse.report.document import remove_report
+    from actsparse.report.profile_report import write_profile_report
+
+    try:
+        return write_profile_report(out)
+    except Exception as err:
+        removed = remove_report(out)
+        stale = f"; the earlier report ({', '.join(p.name for p in removed)}) was removed" if removed else ""
+        raise DataError(
+            f"the profile was saved to {out / 'profile.json'} and {out / 'stats.safetensors'}, but rendering its "
+            f"report failed ({type(err).__name__}: {err}){stale}. Once the cause is fixed, render it with "
+            f"actsparse.report.profile_report.write_profile_report({str(out)!r})") from err

@@ -87,7 +87,8 @@ def _nll_batch(model, ids, mask, score_from: int = 0, extra=None):
 def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "test", window: int = 1024,
                stride: int | None = None, tokens: int | None = None, batch_size: int = 1,
                progress: bool = False, sampling: str | None = None, text_field: str = "text",
-               encoding: str = "utf-8", doc_separator: str | None = None) -> PerplexityResult:
+               encoding: str = "utf-8", doc_separator: str | None = None,
+               desc: str = "perplexity") -> PerplexityResult:
     """Perplexity of ``model`` on ``data``: a :class:`~actsparse.data.text.Windows`, a corpus name
     or path (tokenised with ``tokenizer``; ``split`` picks the documents; ``text_field``,
     ``encoding``, ``doc_separator`` say how files are read) or a list of documents.
@@ -95,7 +96,8 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     ``"spread"`` (evenly over the split; the default for non-overlapping windows) or
     ``"prefix"`` (the first tokens; the default, and the only choice, for sliding windows,
     which score one contiguous stretch). If the model is sparsified, the reached sparsity per
-    site kind on this data and the weight bytes skipped are recorded too."""
+    site kind on this data and the weight bytes skipped are recorded too. ``progress`` shows a
+    progress bar labelled ``desc``."""
     import inspect
 
     from tqdm.auto import tqdm
@@ -144,7 +146,7 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     window_nll, window_tokens = [], []
     if windows is not None:
         for batch in tqdm(windows.batches(batch_size), total=windows.num_batches(batch_size), disable=not progress,
-                          desc="perplexity"):
+                          desc=desc):
             s, c = _nll_batch(model, batch["input_ids"], batch["attention_mask"], extra=extra)
             window_nll += s
             window_tokens += c
@@ -153,7 +155,7 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         if len(stream) < window:
             raise DataError(f"the data gives {len(stream)} tokens, fewer than one window of {window}")
         prev_end, n = 0, len(stream)
-        for begin in tqdm(range(0, n - 1, stride), disable=not progress, desc="perplexity"):
+        for begin in tqdm(range(0, n - 1, stride), disable=not progress, desc=desc):
             end = min(begin + window, n)
             ids = torch.tensor([stream[begin:end]])
             s, c = _nll_batch(model, ids, torch.ones_like(ids), score_from=max(prev_end - begin, 1), extra=extra)
@@ -208,10 +210,10 @@ def bootstrap_ratio(result, reference=None, *, level: float = 0.95, samples: int
 
 
 # ---------------------------------------------------------------- PPL-p% sparsity
-def _bisect(evaluate, lo: float, hi: float, limit: float, steps: int, log: list):
+def _bisect(evaluate, lo: float, hi: float, limit: float, steps: int, log: list, bar=None):
     """Largest x in [lo, hi] with evaluate(x) <= limit, assuming monotone growth (``lo`` is
     assumed to pass). ``steps`` evaluations; the result is within (hi - lo) / 2**steps of the
-    crossing."""
+    crossing. ``bar``: a tqdm bar advanced per step."""
     best = lo
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -221,18 +223,24 @@ def _bisect(evaluate, lo: float, hi: float, limit: float, steps: int, log: list)
             best, lo = mid, mid
         else:
             hi = mid
+        if bar is not None:
+            bar.set_postfix_str(f"x={mid:.4f} PPL {ppl:.3f} (limit {limit:.3f}), best {best:.4f}")
+            bar.update(1)
     return best
 
 
 def ppl_p_search(model: nn.Module, make_config, stats: dict, windows, dense_ppl: float, *, p: float = 1.0,
-                 lo: float = 0.0, hi: float = 0.9, steps: int = 7) -> dict:
+                 lo: float = 0.0, hi: float = 0.9, steps: int = 7, progress: bool = False,
+                 desc: str = "PPL-p% bisection") -> dict:
     """Binary-search the knob ``x`` of ``make_config(x)`` (a uniform sparsity, or the CETT value
     shared by all layers) so that perplexity on ``windows`` rises by at most ``p`` percent.
 
     Returns the knob, its perplexity, the reached sparsity per site kind (on ``windows``), the
     fraction of block linear weight bytes skipped, and the search log. Each knob value is
     evaluated once (the winner's figures come from its bisection step; ``lo`` is evaluated only
-    if no step passed)."""
+    if no step passed). ``progress`` shows a bar over the bisection steps labelled ``desc``."""
+    from tqdm.auto import tqdm
+
     from actsparse.sparsify.api import desparsify_, sparsify_
 
     limit = dense_ppl * (1 + p / 100)
@@ -248,7 +256,8 @@ def ppl_p_search(model: nn.Module, make_config, stats: dict, windows, dense_ppl:
                 desparsify_(model)
         return seen[x]
 
-    best = _bisect(lambda x: run(x).ppl, lo, hi, limit, steps, log)
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
+        best = _bisect(lambda x: run(x).ppl, lo, hi, limit, steps, log, bar)
     res = run(best)
     for entry in log:
         r = seen[entry["x"]]

@@ -10,6 +10,15 @@ COLORS = {"teal": "C0", "teal-greedy": "C5", "cats": "C1", "chess": "C2", "chess
           "topk": "C3", "wina": "C4", "cett": "C7"}
 
 
+MARKERS = {"teal": "o", "teal-greedy": "D", "cats": "s", "chess": "^", "chess-selective": "v", "topk": "P",
+           "wina": "x", "cett": "*"}
+
+
+def method_color(method: str) -> str:
+    """One colour per method in every plot (grey for a method without its own)."""
+    return COLORS.get(method, "C7")
+
+
 def _by_method(doc: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in doc.get("results", []):
@@ -27,11 +36,9 @@ def plot_quality(doc: dict, path: str | Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m, rows in _by_method(doc).items():
-        c = COLORS.get(m)
+        c = method_color(m)
         axes[0].plot([r["bytes_skipped"] for r in rows], [r["ratio"] for r in rows], "o-", color=c, label=m)
         axes[1].plot([r["target"] for r in rows], [r["ratio"] for r in rows], "o-", color=c, label=m)
-    for r in doc.get("pplp", {}).get("cett", []) if isinstance(doc.get("pplp", {}).get("cett"), list) else []:
-        pass
     for ax, xl in zip(axes, ("fraction of block linear weight bytes skipped per token (reached)",
                              "nominal (target) sparsity")):
         ax.set_yscale("log")
@@ -50,27 +57,53 @@ def plot_quality(doc: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_thresholds(rows_by_method: dict[str, list[dict]], path: str | Path) -> Path:
-    """Per-layer thresholds (median for per-channel ones) per method and site kind."""
-    from actsparse.report.plots import _plt, save_figure
+# linears that read the same input share a panel of the thresholds plot, told apart by line style
+THRESHOLD_PANELS = {"attn.q:input": ("attention input (q / k / v)", "-"), "attn.k:input": ("attention input (q / k / v)", "--"),
+                    "attn.v:input": ("attention input (q / k / v)", ":"), "mlp.gate:input": ("MLP input (gate / up)", "-"),
+                    "mlp.up:input": ("MLP input (gate / up)", "--")}
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+
+def plot_thresholds(rows_by_method: dict[str, list[dict]], path: str | Path) -> Path:
+    from actsparse.report.plots import save_figure
+
+    return save_figure(thresholds_figure(rows_by_method), path)
+
+
+def thresholds_figure(rows_by_method: dict[str, list[dict]]):
+    """Per-layer thresholds (median for per-channel ones): one panel per input, one colour per
+    method (the same colours as the other plots)."""
+    from actsparse.report.plots import _plt
+
+    panels: dict[str, dict[tuple[str, str], list]] = {}  # panel -> (method, kind) -> [(layer, threshold)]
     for method, rows in rows_by_method.items():
-        kinds: dict[str, list] = {}
         for r in rows:
             if r.get("threshold") is not None and r.get("layer") is not None:
-                kinds.setdefault(r["kind"], []).append((r["layer"], r["threshold"]))
-        for kind, pts in kinds.items():
+                panel, _ = THRESHOLD_PANELS.get(r["kind"], (r["kind"], "-"))
+                panels.setdefault(panel, {}).setdefault((method, r["kind"]), []).append((r["layer"], r["threshold"]))
+    plt = _plt()
+    n = max(1, len(panels))
+    cols = min(n, 3)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(4.4 * cols, 3.3 * -(-n // cols)), squeeze=False)
+    for ax, (panel, series) in zip(axes.flat, panels.items()):
+        shared = len({kind for _, kind in series}) > 1
+        for (method, kind), pts in series.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"{method} {kind}")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("threshold (median over channels if per-channel)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+            label = f"{method} {kind.split(':')[0].split('.')[-1]}" if shared else method
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=MARKERS.get(method, "."), ms=3.5, lw=1.1,
+                    color=method_color(method), ls=THRESHOLD_PANELS.get(kind, ("", "-"))[1], label=label)
+        ax.set_yscale("log")
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2 if len(series) > 4 else 1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("threshold")
+    fig.suptitle("Per-layer thresholds on |v| (median over channels for the per-channel ones: CHESS, WINA)",
+                 fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def _f(x, fmt="{:.3f}"):
@@ -88,7 +121,10 @@ def quality_rows(doc: dict) -> list[list]:
 
 
 def add_quality_section(report: Report, doc: dict, out_dir: Path, *, plot_dir: str = "plots",
-                        title: str = "Quality: training-free sparsification", thresholds: dict | None = None) -> Report:
+                        title: str = "Quality: training-free sparsification", thresholds: dict | None = None,
+                        plot: bool = True) -> Report:
+    """The quality table, PPL-1% results if any, the quality-vs-sparsity plot (``plot``: a sweep
+    over several sparsities) and the per-layer thresholds."""
     out_dir = Path(out_dir)
     report.heading(title)
     prot = doc.get("protocol", {})
@@ -109,7 +145,7 @@ def add_quality_section(report: Report, doc: dict, out_dir: Path, *, plot_dir: s
         report.text("PPL-1% sparsity: largest knob (uniform sparsity; for cett the shared CETT value) whose "
                     "validation perplexity stays within +1% of dense.")
         report.table(["family", "knob", "x dense (val)", "bytes skipped", "reached sparsity"], rows)
-    if len(doc.get("results", [])) > 1:
+    if plot and len(doc.get("results", [])) > 1:
         p = plot_quality(doc, out_dir / plot_dir / "quality.png")
         report.image(str(p.relative_to(out_dir)), "perplexity ratio vs weight bytes skipped and vs nominal sparsity")
     if thresholds:
