@@ -146,3 +146,16 @@ def test_no_progress_also_silences_the_loading_bars(capsys):
     finally:
         hf_logging.enable_progress_bar()
         enable_progress_bars()
+
+
+@pytest.mark.parametrize("engine", ["fast", "hf"])
+def test_generate_dense_with_a_plan_is_the_dense_model(teal_plan, engine, capsys):
+    """Before: with --engine hf, --dense was ignored and model.generate ran the plan's masked
+    modules (the fast engine already ran dense, prefill included)."""
+    base = ["generate", "--engine", engine, "--max-new-tokens", "6", "--no-stream", "--prompt", "The capital of France is"]
+    assert main(base) == 0
+    dense = capsys.readouterr().out
+    assert main(base + ["--plan", str(teal_plan), "--dense"]) == 0
+    assert capsys.readouterr().out == dense
+    assert main(base + ["--plan", str(teal_plan)]) == 0
+    assert capsys.readouterr().out != dense  # the plan does change the text: the comparison can fail

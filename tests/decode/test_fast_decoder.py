@@ -216,11 +216,34 @@ def test_sampling_is_seeded_and_greedy_is_argmax():
     assert g == ref
 
 
+@pytest.mark.parametrize("real", ["smollm2", "gemma3"])
+def test_dense_greedy_generation_equals_model_generate(real, request):
+    model, tok = request.getfixturevalue(real)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dec = FastDecoder(model, max_len=64)
+        for prompt in ("The history of the city of Paris begins", "In mathematics, a group is"):
+            ids = tok(prompt, return_tensors="pt").input_ids[0]
+            got = dec.generate(ids, 16).tokens
+            with torch.no_grad():
+                ref = model.generate(ids[None], max_new_tokens=16, do_sample=False)[0, ids.numel():].tolist()
+                logits = model(torch.cat([ids, torch.tensor(got)])[None]).logits[0, ids.numel() - 1:-1].numpy()
+            assert got == ref, prompt
+            ours = np.stack([dec.prefill(ids).copy()] + [dec.step(t).copy() for t in got[:-1]])
+            np.testing.assert_allclose(ours, logits, rtol=0, atol=2e-3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("real", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("method", ["teal", "cats"])
-def test_greedy_generation_on_smollm2_equals_reference_sparse_path(smollm2, method):
+def test_greedy_generation_on_real_models_equals_reference_sparse_path(real, method, request):
     """The real model with a real plan, fp32: each greedy token of the kernels is the argmax of
     the reference (the sparsified model's masked dense forward) on the same prefix, wherever
-    the two agree on the logits; and they agree almost everywhere.
+    the two agree on the logits; disagreements start rarely (a flip's onset: a position that
+    differs after one that agreed), and the greedy token is the reference's argmax almost
+    everywhere, flips included.
 
     Not compared to model.generate token for token: a hard threshold makes two summation
     orders (GEMV vs the batched forward, 1 vs 2 threads) differ wherever an input lies within
@@ -228,31 +251,34 @@ def test_greedy_generation_on_smollm2_equals_reference_sparse_path(smollm2, meth
     incremental decode and its batched forward disagree with each other at such points."""
     from actsparse.data.text import text, token_windows
 
-    model, tok = smollm2
+    model, tok = request.getfixturevalue(real)
     cfg = asp.TEAL(sparsity=0.5) if method == "teal" else asp.CATS(sparsity=0.5)
-    # the first windows, as when the test was written: a threshold flip early in a prompt changes the
-    # KV cache and so every later position's logits, so the count of differing positions depends on
-    # the plan by luck (768 spread windows: 16 of 40 for TEAL, 1024: none; 1024 prefix windows: 26)
+    # a threshold flip changes the KV cache and so every later position's logits: the count of
+    # differing positions depends on the plan by luck (SmolLM2, 768 spread windows: 16 of 40 for
+    # TEAL, 1024: none; Gemma-3, 768 prefix windows: 12 of 40, from one onset), so onsets are counted
     cal = token_windows(tok, text("wiki", "calibration"), window=256, max_tokens=768, sampling="prefix")
     asp.sparsify_(model, cfg, calibration=cal)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one summation order per engine (2 threads: see the tiny-model tests)
     try:
         dec = FastDecoder(model, max_len=64)
-        flips = positions = 0
+        onsets = positions = argmax_equal = 0
         for prompt in ("The history of the city of Paris begins", "In mathematics, a group is"):
             ids = tok(prompt, return_tensors="pt").input_ids[0]
             got = dec.generate(ids, 20).tokens
             with torch.no_grad():
                 ref = model(torch.cat([ids, torch.tensor(got)])[None]).logits[0, ids.numel() - 1:-1].numpy()
             ours = [dec.prefill(ids).copy()] + [dec.step(t).copy() for t in got[:-1]]  # what generate saw
+            agreed_before = True
             for i, t in enumerate(got):
                 positions += 1
-                if np.abs(ours[i] - ref[i]).max() < 1e-3:
+                argmax_equal += int(ref[i].argmax()) == t
+                agrees = np.abs(ours[i] - ref[i]).max() < 1e-3
+                if agrees:
                     assert int(ref[i].argmax()) == t, (prompt, i)
-                else:
-                    flips += 1
-        assert flips <= 0.2 * positions
+                onsets += agreed_before and not agrees
+                agreed_before = agrees
+        assert onsets <= 3 and argmax_equal >= 0.9 * positions
         sp = dec.decode_sparsity()
         key = "q" if method == "teal" else "mlp.act"
         assert 0.35 < sp[key] < 0.65

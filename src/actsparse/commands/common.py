@@ -46,7 +46,7 @@ def nonnegative_int(value: str) -> int:
 # ---------------------------------------------------------------- options
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="embedded name (smollm2-135m, minilm), a local Hugging Face model directory, "
+                   help="embedded name (smollm2-135m, gemma3-270m, minilm), a local Hugging Face model directory, "
                         "a .gguf file, or a hub id (needs internet). Default: %(default)s")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and activations dtype. Default: %(default)s")

@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["fast", "hf"], default="fast",
                    help="fast: actsparse FastDecoder (RoPE decoders with RMSNorm); hf: model.generate")
-    p.add_argument("--dense", action="store_true", help="ignore the plan's sparsity in the fast engine (baseline)")
+    p.add_argument("--dense", action="store_true", help="ignore the plan's sparsity, prefill included (the dense baseline; the plan is still checked "
+                        "against the model)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     p.set_defaults(func=run)
 
@@ -68,7 +69,9 @@ def run(args) -> int:
     if args.engine == "fast":
         check_fast_engine(model, args.model)
     if args.plan is not None:
-        load_plan_from_args(model, args)
+        load_plan_from_args(model, args)  # checked against the model even with --dense
+        if args.dense and args.engine == "hf":
+            asp.desparsify_(model)  # model.generate would run the plan's masked modules
     ids = tok(args.prompt, return_tensors="pt").input_ids[0]
     if ids.numel() == 0:
         raise ConfigError("the prompt is empty after tokenisation")
@@ -102,7 +105,7 @@ def run(args) -> int:
             mem = dec.memory_report()
             extra += f"; transposed copies {mem['transposed_copy_bytes'] / 2**20:.0f} MiB"
     else:
-        if args.plan is not None:
+        if args.plan is not None and not args.dense:
             print(f"\n[{asp.accelerate_(model)}]", file=sys.stderr)
         from actsparse.bench.timing import GenerateClock
 

@@ -18,7 +18,7 @@ def register(sub) -> None:
         "sweep", help="perplexity of several methods at several sparsities (JSON + plot)",
         description="Calibrates every method once on the calibration split, then evaluates dense and each "
                     "method x sparsity on the test split (non-overlapping windows). Each point's perplexity ratio "
-                    "carries a 95%% paired bootstrap interval over the test windows (methods closer than it are "
+                    "carries a 95% paired bootstrap interval over the test windows (methods closer than it are "
                     "not ranked). Writes the JSON atomically after every point (resumable with --resume) and a "
                     "quality-vs-bytes-skipped plot.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
