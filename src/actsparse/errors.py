@@ -17,6 +17,14 @@ class ConfigError(ActsparseError):
     """A configuration value (method config, option, plan entry) that is invalid."""
 
 
+class SiteError(ConfigError, KeyError):
+    """A site spec (role, module path, group, io) that does not resolve on the model. Also a
+    ``KeyError`` (a lookup that failed), but printed as its message, not as a quoted key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class StateError(ActsparseError):
     """A call that does not fit the object's current state (already sparsified, KV cache
     full, not sparsified yet, ...)."""

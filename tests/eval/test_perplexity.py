@@ -87,3 +87,29 @@ def test_per_window_nll_and_paired_bootstrap():
     assert lo <= ratio <= hi and lo < hi
     plo, phi = sparse.interval()
     assert plo <= sparse.ppl <= phi
+
+
+def test_rank_within_noise_ties_methods_closer_than_the_spread():
+    """Exact answers on constructed per-window NLLs: B is worse than A by 0.05 nats in every
+    window (a consistent gap: ranked), C differs from A by +-0.05 alternately (no consistent
+    gap: tied with the best)."""
+    from actsparse.eval.perplexity import rank_within_noise
+
+    base = [2.0, 2.5, 3.0, 2.2, 2.8, 2.6, 2.4, 3.1]
+    tokens = [100] * len(base)
+
+    def point(method, nll):
+        total = sum(n * t for n, t in zip(nll, tokens)) / sum(tokens)
+        return {"method": method, "ppl": math.exp(total), "window_nll": [n * t for n, t in zip(nll, tokens)],
+                "window_tokens": tokens}
+
+    a = point("a", base)
+    b = point("b", [n + 0.05 for n in base])
+    c = point("c", [n + (0.05 if i % 2 else -0.05) for i, n in enumerate(base)])
+    rank = rank_within_noise([b, a, c])
+    assert rank["best"] in ("a", "c")  # a and c have the same mean NLL
+    lo, hi = rank["ratio_to_best_ci"]["b"]
+    assert lo == pytest.approx(math.exp(0.05)) and hi == pytest.approx(math.exp(0.05))
+    assert "b" not in rank["tied_with_best"]
+    other = "c" if rank["best"] == "a" else "a"
+    assert other in rank["tied_with_best"] and rank["ratio_to_best_ci"][other][0] < 1.0

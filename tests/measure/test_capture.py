@@ -96,3 +96,13 @@ def test_conv_outputs_reduce_per_channel():
 def test_unknown_site_names_the_fix():
     with pytest.raises(KeyError, match="module path"):
         capture(TinyReLU(), sites="mlp.down:input")
+
+
+def test_unknown_site_is_a_config_error_printed_as_its_message():
+    """Before: a bare KeyError, printed with quotes around the whole message."""
+    from actsparse.errors import ConfigError
+    from actsparse.measure.capture import resolve_sites
+
+    with pytest.raises(ConfigError) as err:
+        resolve_sites(TinyReLU(), ["mlp.foo"])
+    assert isinstance(err.value, KeyError) and str(err.value).startswith("unknown site 'mlp.foo'")

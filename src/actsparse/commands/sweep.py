@@ -161,7 +161,9 @@ def run(args) -> int:
                                    "ratio": r.ppl / dense_ppl, "ratio_ci95": list(ci),
                                    "reached_sparsity": r.reached_sparsity,
                                    "bytes_skipped": r.bytes_skipped, "nominal_bytes_skipped": nominal,
-                                   "seconds": r.seconds, "window_nll": r.window_nll})
+                                   "seconds": r.seconds, "window_nll": r.window_nll,
+                                   "window_tokens": r.window_tokens})
+            doc["ranking"] = _ranking(doc["results"])
             write_json(out, doc)
             print(f"{m} @ {s:.2f}: PPL {r.ppl:.3f} (x{r.ppl / dense_ppl:.3f}, 95% [{ci[0]:.3f}, {ci[1]:.3f}]), "
                   f"bytes skipped {r.bytes_skipped:.3f}, reached {r.reached_sparsity}", flush=True)
@@ -172,3 +174,12 @@ def run(args) -> int:
     plot_quality(doc, plot)
     print(f"wrote {out} and {plot}")
     return 0
+
+
+def _ranking(results: list[dict]) -> dict:
+    """Per target: the best method and those within the noise of it (paired bootstrap)."""
+    from actsparse.eval.perplexity import rank_within_noise
+
+    targets = sorted({r["target"] for r in results})
+    return {f"{t:g}": rank_within_noise([r for r in results if r["target"] == t and r.get("window_nll")])
+            for t in targets}

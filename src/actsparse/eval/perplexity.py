@@ -209,6 +209,25 @@ def bootstrap_ratio(result, reference=None, *, level: float = 0.95, samples: int
     return float(np.exp(lo)), float(np.exp(hi))
 
 
+def rank_within_noise(points: list[dict], *, level: float = 0.95) -> dict:
+    """Rank the results of one sparsity target (dicts with ``method``, ``ppl`` and per-window
+    NLL, all on the same windows) without over-reading noise: the best method, and for each
+    other its paired bootstrap interval of ``ppl / ppl(best)``; a method whose interval reaches
+    1 is tied with the best, not ranked below it."""
+    if not points:
+        return {}
+    best = min(points, key=lambda r: r["ppl"])
+    vs_best, tied = {}, []
+    for r in points:
+        if r is best:
+            continue
+        lo, hi = bootstrap_ratio(r, best, level=level)
+        vs_best[r["method"]] = [lo, hi]
+        if lo <= 1.0:
+            tied.append(r["method"])
+    return {"best": best["method"], "tied_with_best": tied, "ratio_to_best_ci": vs_best, "level": level}
+
+
 # ---------------------------------------------------------------- PPL-p% sparsity
 def _bisect(evaluate, lo: float, hi: float, limit: float, steps: int, log: list, bar=None):
     """Largest x in [lo, hi] with evaluate(x) <= limit, assuming monotone growth (``lo`` is

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from actsparse.errors import SiteError
 from actsparse.measure.accumulators import DEFAULT_EPS, SiteStats
 from actsparse.measure.hooks import SiteHooks, valid_tokens
 from actsparse.models.sitemaps import Site, SiteMap, generic_activation_modules, generic_sites, site_map
@@ -72,7 +73,7 @@ def resolve_sites(model: nn.Module, sites: SiteSpec = "default", smap: SiteMap |
         if path in modules and path:
             io = io or "output"
             if io not in ("input", "output"):
-                raise KeyError(f"site io must be 'input' or 'output', got {io!r} in {spec!r}")
+                raise SiteError(f"site io must be 'input' or 'output', got {io!r} in {spec!r}")
             out.append(Site(path, io))
             continue
         role = spec.split(":")[0]
@@ -80,7 +81,7 @@ def resolve_sites(model: nn.Module, sites: SiteSpec = "default", smap: SiteMap |
             out += smap.role_sites(spec)
             continue
         known_roles = ", ".join(sorted(smap.roles)) or "(none: generic fallback)"
-        raise KeyError(
+        raise SiteError(
             f"unknown site {spec!r}: not a module path of {type(model).__name__} and not a role. "
             f"Roles: {known_roles}; groups: default, mlp, linear_inputs, act; "
             f"or a module path such as {next(iter(p for p in modules if p), 'layer')!r}[:input|:output]."

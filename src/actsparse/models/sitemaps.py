@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
+from actsparse.errors import SiteError
 
 # role -> module path relative to one block
 _LLAMA_ROLES = {
@@ -151,18 +152,18 @@ class SiteMap:
         """Expand a role like ``mlp.down:input`` or ``attn.q:input`` into one Site per layer."""
         role, _, io = role_spec.partition(":")
         if self.family == "generic":
-            raise KeyError(
+            raise SiteError(
                 f"role {role_spec!r} needs an architecture site map, and this model has none "
                 f"(generic fallback). Pass module paths instead, e.g. 'layers.0.fc:input', or 'act'."
             )
         if role not in self.roles:
-            raise KeyError(
+            raise SiteError(
                 f"role {role!r} does not exist for the {self.family} family; known roles: "
                 f"{', '.join(sorted(self.roles))}"
             )
         io = io or DEFAULT_IO.get(role, "input")
         if io not in ("input", "output"):
-            raise KeyError(f"site io must be 'input' or 'output', got {io!r} in {role_spec!r}")
+            raise SiteError(f"site io must be 'input' or 'output', got {io!r} in {role_spec!r}")
         canonical = self.input_source(role) if io == "input" else role
         return [
             Site(self.module_path(i, canonical), io, role=f"{canonical}:{io}", layer=i)

@@ -37,8 +37,13 @@ def plot_quality(doc: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m, rows in _by_method(doc).items():
         c = method_color(m)
-        axes[0].plot([r["bytes_skipped"] for r in rows], [r["ratio"] for r in rows], "o-", color=c, label=m)
-        axes[1].plot([r["target"] for r in rows], [r["ratio"] for r in rows], "o-", color=c, label=m)
+        ratios = [r["ratio"] for r in rows]
+        err = None
+        if all(r.get("ratio_ci95") for r in rows):  # the 95% bootstrap interval as error bars
+            err = [[q - r["ratio_ci95"][0] for q, r in zip(ratios, rows)],
+                   [r["ratio_ci95"][1] - q for q, r in zip(ratios, rows)]]
+        for ax, xs in zip(axes, ([r["bytes_skipped"] for r in rows], [r["target"] for r in rows])):
+            ax.errorbar(xs, ratios, yerr=err, fmt="o-", color=c, label=m, capsize=2, ms=4)
     for ax, xl in zip(axes, ("fraction of block linear weight bytes skipped per token (reached)",
                              "nominal (target) sparsity")):
         ax.set_yscale("log")
@@ -110,13 +115,30 @@ def _f(x, fmt="{:.3f}"):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
+def _interval(ci) -> str:
+    return "-" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _standing(doc: dict, r: dict) -> str:
+    """How the point compares with the best method at its target, as the sweep ranked it."""
+    rank = (doc.get("ranking") or {}).get(f"{r['target']:g}")
+    if not rank:
+        return "-"
+    if rank["best"] == r["method"]:
+        return "best"
+    ci = rank["ratio_to_best_ci"].get(r["method"])
+    if r["method"] in rank["tied_with_best"]:
+        return f"tied ({_interval(ci)} x best)"
+    return f"worse ({_interval(ci)} x best)"
+
+
 def quality_rows(doc: dict) -> list[list]:
     rows = []
     for m, items in _by_method(doc).items():
         for r in items:
             reached = ", ".join(f"{k.split(':')[0]} {v:.2f}" for k, v in r["reached_sparsity"].items())
             rows.append([m, _f(r["target"], "{:.2f}"), _f(r["ppl"], "{:.2f}"), _f(r["ratio"]),
-                         _f(r["bytes_skipped"]), reached])
+                         _interval(r.get("ratio_ci95")), _standing(doc, r), _f(r["bytes_skipped"]), reached])
     return rows
 
 
@@ -135,8 +157,11 @@ def add_quality_section(report: Report, doc: dict, out_dir: Path, *, plot_dir: s
                 f"{ca.get('tokens')} tokens of the {ca.get('split')} split (disjoint documents). Dense PPL "
                 f"{_f(dense.get('ppl'), '{:.3f}')}. 'bytes skipped' = fraction of the block linears' weight bytes "
                 f"a sparse kernel need not read per decoded token, from the sparsity reached on the evaluation data.")
-    report.table(["method", "target", "PPL", "x dense", "bytes skipped", "reached sparsity per site kind"],
-                 quality_rows(doc))
+    report.text("'95%' is a paired bootstrap interval over the evaluation windows of the ratio to dense; "
+                "'vs best' compares each point with the best method at its target the same way, and a method "
+                "whose interval reaches 1 is tied with the best, not ranked below it.")
+    report.table(["method", "target", "PPL", "x dense", "95%", "vs best", "bytes skipped",
+                  "reached sparsity per site kind"], quality_rows(doc))
     if doc.get("pplp"):
         rows = []
         for fam, r in doc["pplp"].items():
