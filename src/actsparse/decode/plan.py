@@ -350,8 +350,10 @@ def check_model(model: nn.Module):
     smap = site_map(model, warn=False)
     if smap.family == "generic":
         raise UnsupportedError(
-            f"FastDecoder needs an architecture site map; {type(model).__name__} (model_type {mtype!r}) has none. "
-            "Decode it with model.generate (actsparse generate --engine hf)")
+            f"FastDecoder needs an architecture site map; {type(model).__name__} (model_type {mtype!r}) has none, "
+            "so none of its pieces is mapped: the attention projections (q, k, v, o), the MLP (gate, up, down), "
+            "the norms and the rotary embedding. Decode it with model.generate (actsparse generate --engine hf), "
+            "or map it with an entry in actsparse.models.sitemaps.FAMILIES")
     if mtype not in SUPPORTED_TYPES or not smap.part_path("rotary") or "norm.attn" not in smap.norms:
         raise UnsupportedError(
             f"FastDecoder runs pre-norm RMSNorm decoders with rotary positions and gated MLPs (LLaMA-style: "
