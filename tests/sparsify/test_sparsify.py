@@ -188,13 +188,18 @@ def test_plan_round_trip_bit_exact(tiny_stats, tmp_path, cfg):
         desparsify_(other)
 
 
-def test_plan_for_another_model_refused(tiny_stats, tmp_path):
-    model, cal, stats = tiny_stats
-    sparsify_(model, CATS(sparsity=0.5), stats=stats)
+def _save_plan_of(model, config, stats, path):
+    """Write ``config``'s plan for ``model`` to ``path`` and leave the model dense again."""
+    sparsify_(model, config, stats=stats)
     try:
-        save_plan(model, tmp_path / "plan")
+        save_plan(model, path)
     finally:
         desparsify_(model)
+
+
+def test_plan_for_another_model_refused(tiny_stats, tmp_path):
+    model, cal, stats = tiny_stats
+    _save_plan_of(model, CATS(sparsity=0.5), stats, tmp_path / "plan")
     other = tiny_llama(inter=96)
     with pytest.raises(ConfigError, match="another model.*shape_hash"):
         load_plan(other, tmp_path / "plan")
@@ -204,11 +209,7 @@ def test_plan_for_other_weights_of_the_same_shapes_refused(tiny_stats, tmp_path)
     """Issue: plans were matched by shape only, so a TEAL plan loaded into another model of the
     same shapes and silently gave a different sparsity."""
     model, cal, stats = tiny_stats
-    sparsify_(model, TEAL(sparsity=0.5), stats=stats)
-    try:
-        save_plan(model, tmp_path / "plan")
-    finally:
-        desparsify_(model)
+    _save_plan_of(model, TEAL(sparsity=0.5), stats, tmp_path / "plan")
     other = tiny_llama(seed=7)  # same shapes, other weights
     with pytest.raises(ConfigError, match="other weights.*check_weights=False"):
         load_plan(other, tmp_path / "plan")
