@@ -15,8 +15,8 @@ def register(sub) -> None:
         description="Greedy (or sampled) batch-1 generation. With --plan the model is sparsified by a "
                     "saved plan (actsparse calibrate) and decoded on the sparse CPU kernels. The fast "
                     "engine (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) runs each token in one compiled "
-                    "call; --engine hf uses "
-                    "model.generate (after accelerate_ when a plan is given), for any architecture.",
+                    "call; --engine hf uses model.generate (after accelerate_ when a plan is given), for any "
+                    "architecture.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example: actsparse generate --plan plan/ --dtype bfloat16 --prompt 'The history of Paris'")
     add_model_options(p)
@@ -28,8 +28,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["fast", "hf"], default="fast",
                    help="fast: actsparse FastDecoder (RoPE decoders with RMSNorm); hf: model.generate")
-    p.add_argument("--dense", action="store_true", help="ignore the plan's sparsity, prefill included (the dense baseline; the plan is still checked "
-                        "against the model)")
+    p.add_argument("--dense", action="store_true",
+                   help="ignore the plan's sparsity, prefill included (the dense baseline; the plan is still "
+                        "checked against the model)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     p.set_defaults(func=run)
 
