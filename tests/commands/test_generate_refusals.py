@@ -31,7 +31,7 @@ def tiny_dirs(tmp_path_factory, smollm2):
 
 @pytest.mark.parametrize("arch, advice", [
     ("opt", "with --plan it decodes on the sparse kernels via accelerate_"),  # mapped, LayerNorm: not in FastDecoder
-    ("gpt_neox", "dense only: this architecture has no site map"),  # the generic fallback
+    ("gpt_neox", "this architecture has no site map, so only a TEAL plan"),  # the generic fallback
 ])
 def test_fast_engine_refusal_points_to_engine_hf(tiny_dirs, arch, advice, capsys):
     """Before: both refusals recommended accelerate_(model) + model.generate, which is not a

@@ -37,8 +37,7 @@ def register(sub) -> None:
 
 def check_fast_engine(model, name: str) -> None:
     """Refuse a model the fast engine cannot run with advice that works from this command:
-    ``--engine hf`` (with a plan on mapped architectures; dense only on the generic fallback,
-    where no plan can be made)."""
+    ``--engine hf`` (with a plan; on the generic fallback only TEAL can make one)."""
     from actsparse.decode.plan import SUPPORTED_TYPES, check_model
     from actsparse.models.sitemaps import site_map
 
@@ -49,8 +48,9 @@ def check_fast_engine(model, name: str) -> None:
         if model_type in SUPPORTED_TYPES:  # not the architecture: dtype or device, the message says how
             raise
         if site_map(model, warn=False).family == "generic":
-            how = ("use `--engine hf` (model.generate), dense only: this architecture has no site map, so no "
-                   "sparsity plan can be calibrated for it")
+            how = ("use `--engine hf` (model.generate): this architecture has no site map, so only a TEAL plan "
+                   "(uniform, on every linear but the LM head) can be calibrated for it, and with --plan it "
+                   "decodes on the sparse kernels via accelerate_")
         else:
             how = "use `--engine hf` (model.generate; with --plan it decodes on the sparse kernels via accelerate_)"
         raise UnsupportedError(f"the fast engine (FastDecoder) runs RoPE decoders with RMSNorm "

@@ -16,6 +16,7 @@ it for LLaMA-style models. The swaps go through the module-swap ledger under the
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,12 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
             continue
         copy_bytes += new.wt.numel() * new.wt.element_size()
         swap.swap_module(model, path, new, owner=OWNER, depends_on=("sparsify",))
+    if smap.family == "generic":
+        warnings.warn(
+            f"{'; '.join(smap.unmapped)}: accelerate_ swapped its "
+            f"{n_kernel} sparse linears for kernel linears, but could not map the MLP (a thresholded activation's "
+            "down projection cannot skip zeros) or the block (FastDecoder refuses it); add a FAMILIES entry in "
+            "actsparse.models.sitemaps for those", stacklevel=2)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return AccelerationReport(n_kernel, n_zero, copy_bytes, weights)
 

@@ -254,6 +254,19 @@ def generic_activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def generic_linears(model: nn.Module) -> list[str]:
+    """Paths of the linears of an unmapped model that a method may sparsify: every ``nn.Linear``
+    (or a sparse module wrapping one) but the output embedding (the LM head)."""
+    head_fn = getattr(model, "get_output_embeddings", None)
+    head = head_fn() if callable(head_fn) else None
+    out = []
+    for path, module in model.named_modules():
+        inner = getattr(module, "linear", module)
+        if isinstance(inner, nn.Linear) and head is not inner and head is not module:
+            out.append(path)
+    return out
+
+
 def generic_sites(model: nn.Module) -> list[Site]:
     sites = [Site(p, "output", role=None) for p, _ in generic_activation_modules(model)]
     sites += [Site(p, "input", role=None) for p, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -299,15 +299,12 @@ def reached_sparsity(model: nn.Module) -> dict:
 
 def block_linear_params(model: nn.Module) -> dict[str, int]:
     """Parameter count (weights) of every linear inside the transformer blocks."""
-    from actsparse.models.sitemaps import LINEAR_ROLES, site_map
+    from actsparse.models.sitemaps import LINEAR_ROLES, generic_linears, site_map
 
     smap = site_map(model, warn=False)
     out = {}
     if smap.family == "generic":
-        for path, m in model.named_modules():
-            if isinstance(m, (nn.Linear, MaskedLinear)) and "lm_head" not in path:
-                out[path] = m.weight.numel()
-        return out
+        return {path: model.get_submodule(path).weight.numel() for path in generic_linears(model)}
     for layer in range(smap.num_layers):
         for role in LINEAR_ROLES:
             if role in smap.roles:

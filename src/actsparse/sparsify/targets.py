@@ -14,7 +14,7 @@ import re
 from torch import nn
 
 from actsparse.errors import ConfigError
-from actsparse.models.sitemaps import SiteMap, site_map
+from actsparse.models.sitemaps import FAMILIES, SiteMap, generic_linears, site_map
 from actsparse.sparsify.modules import linear_features
 
 
@@ -44,16 +44,26 @@ class Target:
         self.matched: set[str] = set()  # override patterns that matched one of them
 
     @property
+    def generic(self) -> bool:
+        """True for an unmapped model (the generic fallback: no roles, only its linears)."""
+        return self.smap.family == "generic"
+
+    def generic_linears(self) -> list[str]:
+        """The linears a method may sparsify in an unmapped model (all but the LM head)."""
+        return generic_linears(self.model)
+
+    @property
     def layers(self) -> range:
         return range(self.smap.num_layers)
 
     def require(self, *roles: str, gated: bool = False) -> None:
         """Refuse a model whose site map lacks what the method needs, naming it."""
         name = type(self.config).__name__
-        if self.smap.family == "generic":
+        if self.generic:
             raise ConfigError(f"{name} needs an architecture site map (which module is the MLP activation, "
                               f"the down projection, ...); {type(self.model).__name__} has none (generic fallback). "
-                              "Known families: llama, gemma, gpt2, opt, bert")
+                              "TEAL (uniform) runs on an unmapped model's linears; the other methods need a "
+                              f"FAMILIES entry in actsparse.models.sitemaps (known: {', '.join(FAMILIES)})")
         missing = [r for r in roles if r not in self.smap.roles]
         if missing:
             raise ConfigError(f"{name} needs the role(s) {', '.join(missing)}, which the {self.smap.family} "

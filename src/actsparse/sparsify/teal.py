@@ -71,6 +71,8 @@ def input_key(target, layer: int, kind: str) -> str:
 @register_handler(TEAL)
 class _TEALHandler(Handler):
     def requests(self, t):
+        if t.generic:
+            return [Request(f"{path}:input", path, "input") for path in _generic_paths(t)]
         t.require()
         reqs = []
         for layer in t.layers:
@@ -86,6 +88,8 @@ class _TEALHandler(Handler):
         return reqs
 
     def assign(self, t, stats):
+        if t.generic:
+            return _generic_assignments(t, stats)
         per_kind = None
         if t.config.allocation == "greedy":
             from actsparse.sparsify.allocation import greedy_sparsities
@@ -106,3 +110,31 @@ class _TEALHandler(Handler):
                     thr = quantile_threshold(stats[input_key(t, layer, kind)], s)
                     out.append(Assignment(path, "linear", f"{src}:input", threshold=thr, skips=(path,), target=s))
         return out
+
+
+def _generic_paths(t) -> list[str]:
+    """An unmapped model: every linear but the LM head, each with its own input threshold
+    (without a site map, which linears share an input is unknown). Input kinds and the greedy
+    allocation are defined by roles, so they are refused here."""
+    name = type(t.config).__name__
+    if t.config.allocation != "uniform":
+        raise ConfigError(f"{name}(allocation={t.config.allocation!r}) needs an architecture site map (the block "
+                          f"and its input kinds); {type(t.model).__name__} has none: use allocation='uniform'")
+    if t.config.kinds != KINDS:
+        raise ConfigError(f"{name}(kinds=...) selects roles, and {type(t.model).__name__} has no site map; leave "
+                          "kinds at its default and keep linears dense with overrides=[('<path glob>', None)]")
+    paths = t.generic_linears()
+    if not paths:
+        raise ConfigError(f"{type(t.model).__name__} has no nn.Linear besides its LM head: nothing for {name}")
+    return paths
+
+
+def _generic_assignments(t, stats) -> list[Assignment]:
+    out = []
+    for path in _generic_paths(t):
+        s = t.sparsity(path)
+        if s is None:
+            continue
+        thr = quantile_threshold(stats[f"{path}:input"], s)
+        out.append(Assignment(path, "linear", "linear:input", threshold=thr, skips=(path,), target=s))
+    return out
