@@ -41,9 +41,9 @@ def test_accumulate_and_dot_use_packed_ymm_fma(wdtype):
     acc = np.empty(100, np.float32)
     acc_k = _fresh(P.accumulate_rows)
     acc_k(wt, idx, vals, 0, 16, acc)
-    dot4 = _fresh(P.dot4)
-    dot4(wt, 0, 1, 2, 3, np.ones(100, np.float32))
-    for kernel in (acc_k, dot4):
+    dot = _fresh(P.dot)
+    dot(wt, 0, np.ones(100, np.float32))
+    for kernel in (acc_k, dot):
         asm = "\n".join(kernel.inspect_asm().values())
         fma = re.findall(r"vfmadd\w*ps[^\n]*%ymm", asm)
         assert fma, f"{kernel.py_func.__name__}: no packed ymm FMA in the assembly"

@@ -14,7 +14,9 @@ Weights stream from DRAM on every token (the smallest case, SmolLM2 in bf16, rea
 over the best dense engine, the bytes read per token (block linears at the sparsity
 reached during decoding, plus the dense lm_head), effective GB/s, and the fraction of
 the Amdahl ceiling ``1 / ((1 - f) + f (1 - s))`` reached, f the share of weight bytes in
-the sparsified matrices and s their reached sparsity.
+the sparsified matrices and s their reached sparsity. A plain read of 512 MiB is timed among
+the engines (:mod:`actsparse.bench.bandwidth`): each engine's GB/s as a fraction of it, and
+the most any engine reading the dense bytes could gain over Hugging Face (``read_bound_vs_hf``).
 
 Models: an embedded / HF model with a plan calibrated on the wiki calibration split, and
 ``llama-1.1b`` — a LLaMA-shaped model of 1.1B parameters (TinyLlama's shape) with random
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from actsparse.bench.bandwidth import ReadProbe
 from actsparse.bench.timing import GenerateClock, interleaved, spread
 from actsparse.errors import ConfigError
 from actsparse.provenance import git_hash, machine_info
@@ -52,6 +55,7 @@ SYNTHETIC = {
         vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=True)),
 }
 ENGINES = ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse")
+READ = "read-bandwidth"  # timed with the engines: GB/s of a plain read of 512 MiB (bench/bandwidth.py)
 
 
 def build_synthetic(name: str, seed: int = 0):
@@ -164,8 +168,12 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
             return lambda: (hf_mode(engine), _hf_run(model, ids, new_tokens))[1]
         return lambda dec=decoders[engine]: _fast_run(dec, ids, new_tokens)
 
-    runs = interleaved({e: runner(e) for e in engines}, repeats, rng=rng,
-                       after=(lambda _e: progress.update(1)) if progress is not None else None)
+    runners = {e: runner(e) for e in engines}
+    runners[READ] = ReadProbe(threads)  # the machine's read bandwidth, under the same conditions
+    runs = interleaved(runners, repeats, rng=rng,
+                       after=(lambda e: e != READ and progress.update(1)) if progress is not None else None)
+    read = _summary(runs.pop(READ))
+    del runners
     deaccelerate_(model)
     if not is_sparsified(model):
         sparsify()
@@ -186,6 +194,10 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         out.setdefault("effective_GBps", {})[e] = tps * (sparse_b if e.endswith("sparse") else dense_b) / 1e9
     blocks = sum(wb["roles"].values())
     out["amdahl_ceiling_without_lm_head"] = blocks / (blocks - (dense_b - sparse_b))  # what the blocks alone allow
+    out["read_GBps"] = read
+    out["of_read_bandwidth"] = {e: gbps / read["median"] for e, gbps in out["effective_GBps"].items()}
+    if "hf-dense" in stats:  # no engine reading the dense bytes can beat HF by more than this
+        out["read_bound_vs_hf"] = read["median"] / out["effective_GBps"]["hf-dense"]
     if "fast-sparse" in stats:
         speedup = stats["fast-sparse"]["median"] / stats[best_dense]["median"]
         out.update(speedup=speedup, amdahl_ceiling=ceiling, fraction_of_ceiling=speedup / ceiling)

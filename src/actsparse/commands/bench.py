@@ -186,7 +186,10 @@ models llama-1.1b (TinyLlama's shape) and gemma3-1b (Gemma-3-1B's shape) have ra
 --hf-max-params (HF bf16 decoding of 1B parameters on this CPU is far slower than
 the best dense engine). Reports tokens/s (median, p10/p90), speedup over the best
 dense engine, bytes per token, effective GB/s and the fraction of the Amdahl
-ceiling 1/((1-f)+f(1-s)). Writes JSON to --out and a .png next to it.""",
+ceiling 1/((1-f)+f(1-s)). A plain read of 512 MiB is timed among the engines: the
+machine's read bandwidth at that thread count, each engine's GB/s as a fraction of
+it, and the most any engine reading the dense bytes could gain over hf-dense.
+Writes JSON to --out and a .png next to it.""",
         epilog="example: actsparse bench decode --models smollm2-135m --dtypes bfloat16 --threads 1 --repeats 3",
     )
     p.add_argument("--models", type=_csv(str), default=["smollm2-135m", "llama-1.1b"], metavar="M[,M]",
@@ -239,12 +242,16 @@ def _run_decode(args) -> int:
 
 def print_decode_table(result) -> None:
     print(f"{'model':>14} {'dtype':>8} {'thr':>3} " + " ".join(f"{e:>11}" for e in ("hf-dense", "hf-sparse",
-          "fast-dense", "fast-sparse")) + f" {'speedup':>7} {'ceiling':>7} {'of ceil':>7}")
+          "fast-dense", "fast-sparse")) + f" {'speedup':>7} {'ceiling':>7} {'of ceil':>7} {'read GB/s':>9}"
+          f" {'dense of read':>13}")
     for g in result["groups"]:
         cells = " ".join(f"{g['engines'][e]['median']:>11.1f}" if e in g["engines"] else f"{'-':>11}"
                          for e in ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse"))
+        read = g.get("read_GBps", {}).get("median")  # absent in results from before the probe
+        of_read = g.get("of_read_bandwidth", {}).get("fast-dense")
         print(f"{g['model']:>14} {g['dtype']:>8} {g['threads']:>3} {cells} {g['speedup']:>7.2f} "
-              f"{g['amdahl_ceiling']:>7.2f} {g['fraction_of_ceiling']:>7.2f}")
+              f"{g['amdahl_ceiling']:>7.2f} {g['fraction_of_ceiling']:>7.2f} "
+              f"{read if read is None else format(read, '.1f'):>9} {of_read if of_read is None else format(of_read, '.2f'):>13}")
 
 
 # benchmarks in --help order; add new ones here

@@ -231,27 +231,6 @@ def dot(w, i, xf):
     return s
 
 
-@njit(**JIT)
-def dot4(w, i0, i1, i2, i3, xf):
-    """Four row dot products at once: x is loaded once for four weight streams
-    (one sequential stream alone does not reach the DRAM bandwidth of a core)."""
-    r0 = w[i0]
-    r1 = w[i1]
-    r2 = w[i2]
-    r3 = w[i3]
-    s0 = np.float32(0.0)
-    s1 = np.float32(0.0)
-    s2 = np.float32(0.0)
-    s3 = np.float32(0.0)
-    for k in range(xf.shape[0]):
-        xv = xf[k]
-        s0 += to_f32(r0[k]) * xv
-        s1 += to_f32(r1[k]) * xv
-        s2 += to_f32(r2[k]) * xv
-        s3 += to_f32(r3[k]) * xv
-    return s0, s1, s2, s3
-
-
 @njit(inline="always", **JIT)
 def widen(x):
     xf = np.empty(x.shape[0], np.float32)
@@ -262,34 +241,21 @@ def widen(x):
 
 @njit(**JIT)
 def dot_rows(w, rows, k0, k1, xf, res):
-    """res[k] = w[rows[k]] . xf for k0 <= k < k1 (four rows per pass)."""
-    k = k0
-    while k + 4 <= k1:
-        s0, s1, s2, s3 = dot4(w, rows[k], rows[k + 1], rows[k + 2], rows[k + 3], xf)
-        res[k] = s0
-        res[k + 1] = s1
-        res[k + 2] = s2
-        res[k + 3] = s3
-        k += 4
-    while k < k1:
+    """res[k] = w[rows[k]] . xf for k0 <= k < k1, one row at a time.
+
+    One row per pass, not several interleaved: LLVM vectorises the single reduction with
+    several accumulators, and the row streams sequentially. Measured here (AMD EPYC, one
+    thread, SmolLM2's 30 layers of linears, cold) 21.6 GB/s fp32 and 20.2 bf16, against 8-11
+    for four rows interleaved (four short streams 2.3 KB apart defeat the prefetcher)."""
+    for k in range(k0, k1):
         res[k] = dot(w, rows[k], xf)
-        k += 1
 
 
 @njit(**JIT)
 def dot_range(w, i0, i1, xf, res):
-    """res[i] = w[i] . xf for i0 <= i < i1 (four rows per pass)."""
-    i = i0
-    while i + 4 <= i1:
-        s0, s1, s2, s3 = dot4(w, i, i + 1, i + 2, i + 3, xf)
-        res[i] = s0
-        res[i + 1] = s1
-        res[i + 2] = s2
-        res[i + 3] = s3
-        i += 4
-    while i < i1:
+    """res[i] = w[i] . xf for i0 <= i < i1, one row at a time (see :func:`dot_rows`)."""
+    for i in range(i0, i1):
         res[i] = dot(w, i, xf)
-        i += 1
 
 
 @njit(inline="always", **JIT)
