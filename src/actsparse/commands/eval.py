@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--window", type=window_int, default=1024)
     p.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (default: = window)")
     p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--protocol", choices=["all", "decode"], default="all",
+                   help="which tokens are sparse: all (every token of every window) or decode (TEAL's: the first "
+                        "half of each window dense, filling the KV cache, the second half sparse and scored; "
+                        "compare with a dense eval under the same protocol)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -44,7 +48,7 @@ def run(args) -> int:
         load_plan_from_args(model, args)
     res = perplexity(model, args.data, tokenizer=tok, split=args.split, window=args.window, stride=args.stride,
                      tokens=args.tokens, batch_size=args.batch_size, progress=not args.no_progress,
-                     sampling=args.sampling, **text_options(args))
+                     sampling=args.sampling, sparse_protocol=args.protocol, **text_options(args))
     print(res)
     for kind, s in res.reached_sparsity.items():
         print(f"  reached sparsity {kind}: {s:.3f}")

@@ -4,6 +4,15 @@ Non-overlapping windows by default (each window starts with BOS; every following
 scored once, padding never). With ``stride < window`` a sliding evaluation is used: windows
 start every ``stride`` tokens of the token stream and each scores only the tokens no earlier
 window scored, with up to ``window - stride`` tokens of context.
+
+Which tokens a sparsified model sparsifies (``sparse_protocol``):
+
+* ``"all"``: every token of every window runs through the sparse modules (the prompt too);
+* ``"decode"``: TEAL's evaluation, a dense prefill then sparse decoding. The first half of each
+  window runs dense (every sparse module bypassed) and fills the KV cache; the second half runs
+  sparse on that cache, and only its predictions are scored (the tokens after the half).
+  Sparse modules act token by token, so one batched pass over the second half gives what
+  decoding it one token at a time gives.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ class PerplexityResult:
     sampling: str | None = None  # how the windows were chosen from the split: spread, prefix (None: given)
     window_nll: list[float] = field(default_factory=list)  # summed NLL of each window (for spreads)
     window_tokens: list[int] = field(default_factory=list)  # tokens scored in each window
+    sparse_protocol: str = "all"  # "all": every token sparse; "decode": dense first half, sparse scored half
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +59,8 @@ class PerplexityResult:
         mode = "non-overlapping" if self.stride == self.window else f"sliding, stride {self.stride}"
         if self.sampling:
             mode += f", {self.sampling}"
+        if self.sparse_protocol == "decode":
+            mode += ", dense first half, second half sparse and scored"
         return (f"{self.data}/{self.split}, {self.windows} x {self.window}-token windows ({mode}), "
                 f"{self.tokens} scored tokens")
 
@@ -83,12 +95,43 @@ def _nll_batch(model, ids, mask, score_from: int = 0, extra=None):
     return nll.sum(1).tolist(), valid.sum(1).tolist()
 
 
+SPARSE_PROTOCOLS = ("all", "decode")
+
+
+def cache_argument(model, out) -> dict:
+    """The KV cache of ``out`` as the keyword ``model.forward`` takes (``cache`` from
+    transformers 5.x, ``past_key_values`` before)."""
+    import inspect
+
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
+@torch.no_grad()
+def _nll_batch_decode(model, ids, mask):
+    """The decode protocol on one batch of windows: the first half dense with a KV cache, the
+    second half sparse on it; per row, summed NLL and count of the second half's predictions."""
+    from actsparse.sparsify.modules import dense_forward
+
+    half = ids.shape[1] // 2
+    with dense_forward(model):
+        prefill = model(input_ids=ids[:, :half], attention_mask=mask[:, :half], use_cache=True)
+    out = model(input_ids=ids[:, half:], attention_mask=mask, use_cache=True, **cache_argument(model, prefill))
+    logits = out.logits[:, :-1].float()
+    labels = ids[:, half + 1:]
+    valid = (mask[:, half + 1:] * mask[:, half:-1]).bool()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    nll = torch.where(valid, nll.reshape(labels.shape).double(), 0.0)
+    return nll.sum(1).tolist(), valid.sum(1).tolist()
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "test", window: int = 1024,
                stride: int | None = None, tokens: int | None = None, batch_size: int = 1,
                progress: bool = False, sampling: str | None = None, text_field: str = "text",
                encoding: str = "utf-8", doc_separator: str | None = None,
-               desc: str = "perplexity") -> PerplexityResult:
+               desc: str = "perplexity", sparse_protocol: str = "all") -> PerplexityResult:
     """Perplexity of ``model`` on ``data``: a :class:`~actsparse.data.text.Windows`, a corpus name
     or path (tokenised with ``tokenizer``; ``split`` picks the documents; ``text_field``,
     ``encoding``, ``doc_separator`` say how files are read) or a list of documents.
@@ -97,7 +140,10 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     ``"prefix"`` (the first tokens; the default, and the only choice, for sliding windows,
     which score one contiguous stretch). If the model is sparsified, the reached sparsity per
     site kind on this data and the weight bytes skipped are recorded too. ``progress`` shows a
-    progress bar labelled ``desc``."""
+    progress bar labelled ``desc``. ``sparse_protocol``: "all" (every token sparse) or
+    "decode" (dense first half of each window, sparse second half scored; see the module
+    docstring); the dense model gives the same tokens under both, so compare a sparse "decode"
+    result with the dense model evaluated under "decode" too."""
     import inspect
 
     from tqdm.auto import tqdm
@@ -112,13 +158,23 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         raise DataError(f"tokens must be a positive number of tokens (or None for the whole split), got {tokens}")
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if sparse_protocol not in SPARSE_PROTOCOLS:
+        raise DataError(f"sparse_protocol must be one of {', '.join(SPARSE_PROTOCOLS)}, got {sparse_protocol!r}")
+    decode = sparse_protocol == "decode"
     stride = stride or window
     if stride > window or stride < 1:
         raise DataError(f"stride must be in [1, window={window}], got {stride}")
     sliding = stride != window
     if sampling is None:
         sampling = "prefix" if sliding else "spread"
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    has_cache = "use_cache" in inspect.signature(model.forward).parameters
+    extra = {"use_cache": False} if has_cache else {}
+    if decode and sliding:
+        raise DataError("the decode protocol (a dense first half, then sparse decoding on its KV cache) scores "
+                        "non-overlapping windows: drop the stride (--stride) or use the 'all' protocol")
+    if decode and not has_cache:
+        raise DataError(f"the decode protocol needs a KV cache, and {type(model).__name__}.forward takes no "
+                        "use_cache: use the 'all' protocol")
     if isinstance(data, Windows):
         if stride != window:
             raise DataError("sliding evaluation (stride < window) needs text, not pre-cut Windows")
@@ -147,7 +203,10 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     if windows is not None:
         for batch in tqdm(windows.batches(batch_size), total=windows.num_batches(batch_size), disable=not progress,
                           desc=desc):
-            s, c = _nll_batch(model, batch["input_ids"], batch["attention_mask"], extra=extra)
+            if decode:
+                s, c = _nll_batch_decode(model, batch["input_ids"], batch["attention_mask"])
+            else:
+                s, c = _nll_batch(model, batch["input_ids"], batch["attention_mask"], extra=extra)
             window_nll += s
             window_tokens += c
     else:
@@ -174,7 +233,7 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
                         f"{source}/{split_name}; check its weights and dtype (fp16/bf16 overflow?)")
     result = PerplexityResult(math.exp(nll), nll, count, n_windows, window, stride, str(source), split_name,
                               batch_size, seconds, sampling=sampling, window_nll=window_nll,
-                              window_tokens=[int(c) for c in window_tokens])
+                              window_tokens=[int(c) for c in window_tokens], sparse_protocol=sparse_protocol)
     if sparse:
         result.reached_sparsity = reached_sparsity(model)
         result.bytes_skipped = bytes_skipped(model)
@@ -190,6 +249,10 @@ def _windows_of(r) -> tuple[np.ndarray, np.ndarray]:
     return nll, tok
 
 
+def _field(r, name: str, default):
+    return (r.get(name, default) if isinstance(r, dict) else getattr(r, name, default)) or default
+
+
 def bootstrap_ratio(result, reference=None, *, level: float = 0.95, samples: int = 2000,
                     seed: int = 0) -> tuple[float, float]:
     """A paired bootstrap interval over windows of ``ppl(result) / ppl(reference)`` (or of
@@ -198,6 +261,10 @@ def bootstrap_ratio(result, reference=None, *, level: float = 0.95, samples: int
     nll, tok = _windows_of(result)
     ref_nll = np.zeros_like(nll)
     if reference is not None:
+        protocols = {_field(r, "sparse_protocol", "all") for r in (result, reference)}
+        if len(protocols) > 1:
+            raise DataError(f"a paired bootstrap needs both results under one protocol, got {sorted(protocols)}: "
+                            "evaluate the reference with the same sparse_protocol (--protocol)")
         ref_nll, ref_tok = _windows_of(reference)
         if ref_nll.size != nll.size or not np.array_equal(ref_tok, tok):
             raise DataError("a paired bootstrap needs both results on the same windows (same count and tokens)")
