@@ -69,15 +69,14 @@ class Workbench:
 
     @classmethod
     def build(cls, w: Workload) -> "Workbench":
-        import actsparse as asp
         from actsparse.data.text import text, token_windows
-        from actsparse.models.loading import check_window, require_causal_lm
+        from actsparse.models.loading import check_window, load, require_causal_lm
 
         if w.threads is not None:
             import torch
 
             torch.set_num_threads(w.threads)
-        model, tok = asp.load(w.model, dtype=w.dtype)
+        model, tok = load(w.model, dtype=w.dtype)
         require_causal_lm(model, w.model, w.what)
         check_window(model, w.calib_window, option="--calib-window" if w.calib_window != w.window else "--window")
         check_window(model, w.window)
