@@ -171,3 +171,11 @@ def test_a_ray_pplp_gives_the_in_process_results(cluster, tiny_model, tmp_path):
     local, remote = json.loads(a.read_text()), json.loads(b.read_text())
     assert list(remote["results"]) == ["teal", "cats"] and remote["executor"]["kind"] == "ray"
     assert_same_results(comparable(local), comparable(remote))
+
+
+def test_a_cell_that_raises_is_named_with_its_error_and_not_retried(cluster, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert main(sweep_argv(tmp_path / "no-such-model", out, "--ray", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "describe: unknown model" in err and "no-such-model" in err, err
+    assert not out.exists()

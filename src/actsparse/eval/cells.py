@@ -78,7 +78,7 @@ class Workbench:
             torch.set_num_threads(w.threads)
         model, tok = load(w.model, dtype=w.dtype)
         require_causal_lm(model, w.model, w.what)
-        check_window(model, w.calib_window, option="--calib-window" if w.calib_window != w.window else "--window")
+        check_window(model, w.calib_window, option="--calib-window" if w.split == "test" else "--window")
         check_window(model, w.window)
         cal = token_windows(tok, text(w.data, "calibration", **w.text_options), window=w.calib_window,
                             max_tokens=w.calib_tokens, sampling=w.sampling)
