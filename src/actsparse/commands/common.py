@@ -87,6 +87,14 @@ def add_data_options(p: argparse.ArgumentParser, *, split: str = "calibration", 
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward. Default: %(default)s")
 
 
+def add_ray_option(p: argparse.ArgumentParser, unit: str) -> None:
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help=f"run on a Ray cluster ({unit}; the JSON is the in-process one): auto = the running cluster "
+                        "($RAY_ADDRESS, or one started here with `ray start --head`), local = a cluster of this "
+                        "machine for this run, or HOST:PORT / ray://HOST:PORT of a head node. Needs "
+                        "pip install 'actsparse[ray]'. Default: in-process, without Ray")
+
+
 def text_options(args) -> dict:
     """The keyword arguments of actsparse.data.text's reading functions the options name."""
     return {"text_field": args.text_field, "encoding": args.encoding, "doc_separator": args.doc_separator}

@@ -6,13 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import (add_model_options, add_text_options, check_output, differing_fields,
-                                       load_causal_lm, positive_int, read_result, setup, text_options, window_int)
-from actsparse.errors import ConfigError
+from actsparse.commands.common import (add_model_options, add_ray_option, add_text_options, check_output,
+                                       differing_fields, positive_int, read_result, setup, text_options, window_int)
+from actsparse.errors import ConfigError, StateError
 
-# default upper end of the bisection range: the CETT value for cett (PPL-1% lies near 0.03 on
-# SmolLM2), the uniform sparsity for the other families (PPL-1% lies below 0.4 for all of them)
-HI = {"cett": 0.25}
 
 
 def register(sub) -> None:
@@ -39,6 +36,7 @@ def register(sub) -> None:
                    help="also store them under 'pplp' in this sweep JSON (refused if it was made with another "
                         "model, dtype or data)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_ray_option(p, "each family's search is a Ray task")
     p.set_defaults(func=run)
 
 
@@ -56,12 +54,11 @@ def check_into(saved: dict, now: dict, path) -> None:
                           "the sweep of this model and data, or use --json alone")
 
 
-def run(args) -> int:
-    from actsparse.data.text import text, token_windows
-    from actsparse.eval.perplexity import perplexity, ppl_p_search
+def run(args, *, cell_fn=None) -> int:
+    """``cell_fn``: with --ray, the function a worker runs per cell (None: the real one)."""
+    from actsparse.eval.cells import Workload
+    from actsparse.experiments.executors import CellsFailed, executor
     from actsparse.io import read_json, write_json
-    from actsparse.models.loading import check_window, weights_identity
-    from actsparse.sparsify.api import calibrate
     from actsparse.sparsify.registry import make_config
 
     setup(args)
@@ -78,37 +75,44 @@ def run(args) -> int:
         check_output(args.into, "--into")
         into = read_result(args.into, "--into")
     reading = text_options(args)
-    model, tok = load_causal_lm(args, "`actsparse pplp`")
-    check_window(model, args.window)
-    if args.into:
-        check_into(into, {"identity": weights_identity(model), "dtype": args.dtype,
-                          "protocol": {"data": args.data, "text_options": reading}}, args.into)
-    cal = token_windows(tok, text(args.data, "calibration", **reading), window=args.window,
-                        max_tokens=args.calib_tokens, sampling=args.sampling)
-    val = token_windows(tok, text(args.data, "validation", **reading), window=args.window, max_tokens=args.tokens,
-                        sampling=args.sampling)
-    dense = perplexity(model, val, progress=not args.no_progress, desc="perplexity, dense")
-    results = {}
-    for m in methods:
-        # one family's statistics at a time: all families together held > 11 GB on SmolLM2
-        stats = calibrate(model, [make_config(m, 0.5)], cal, progress=not args.no_progress)
-        hi = args.hi if args.hi is not None else HI.get(m, 0.6)
-        r = ppl_p_search(model, lambda x, m=m: make_config(m, x), stats, val, dense.ppl, p=args.p, hi=hi,
-                         steps=args.steps, progress=not args.no_progress, desc=f"pplp {m}")
-        r["protocol"].update({"data": args.data, "text_options": reading, "split": "validation",
-                              "sampling": val.sampling, "calibration_tokens": cal.tokens,
-                              "calibration_sampling": cal.sampling})
-        r["config"] = make_config(m, r["knob"]).to_dict()
-        results[m] = r
-        del stats
-        print(f"{m}: PPL-{args.p:g}% knob {r['knob']:.4f}, x{r['ratio']:.4f}, reached {r['reached_sparsity']}, "
-              f"bytes skipped {r['bytes_skipped']:.3f}", flush=True)
-        # written after every family, so an interrupted run keeps what it finished
-        if args.json:
-            write_json(args.json, {"model": args.model, "p": args.p, "dense_validation": dense.to_dict(),
-                                   "results": results})
+    workload = Workload(model=args.model, dtype=args.dtype, data=args.data, text_options=reading,
+                        sampling=args.sampling, calib_tokens=args.calib_tokens, calib_window=args.window,
+                        tokens=args.tokens, window=args.window, split="validation", threads=args.threads,
+                        what="`actsparse pplp`", progress=not args.no_progress and args.ray is None)
+    results, got = {}, {}
+    with executor(workload, args.ray, cell_fn=cell_fn) as ex:
         if args.into:
-            doc = read_json(args.into)
-            doc.setdefault("pplp", {})[m] = r
-            write_json(args.into, doc)
+            info = {}
+            ex.map([{"kind": "describe"}], lambda cell, res: info.update(res["result"]))
+            check_into(into, {"identity": info["identity"], "dtype": args.dtype,
+                              "protocol": {"data": args.data, "text_options": reading}}, args.into)
+        ex.map([{"kind": "dense"}], lambda cell, res: got.update(dense=res["result"]))
+        dense = got["dense"]
+
+        def on_result(cell, res):
+            m, r = cell["method"], res["result"]
+            results[m] = r
+            print(f"{m}: PPL-{args.p:g}% knob {r['knob']:.4f}, x{r['ratio']:.4f}, reached {r['reached_sparsity']}, "
+                  f"bytes skipped {r['bytes_skipped']:.3f}", flush=True)
+            # written after every family, so an interrupted run keeps what it finished
+            if args.json:
+                doc = {"model": args.model, "p": args.p, "dense_validation": dense,
+                       "results": {k: results[k] for k in methods if k in results}, "executor": ex.record}
+                missing = [k for k in methods if k not in results]
+                if missing:  # the file of an unfinished run says so
+                    doc["unfinished"] = missing
+                write_json(args.json, doc)
+            if args.into:
+                doc = read_json(args.into)
+                doc.setdefault("pplp", {})[m] = r
+                write_json(args.into, doc)
+
+        cells = [{"kind": "pplp", "method": m, "dense_ppl": dense["ppl"], "p": args.p, "hi": args.hi,
+                  "steps": args.steps} for m in methods]
+        try:
+            ex.map(cells, on_result)
+        except CellsFailed as err:
+            where = f"; {args.json} holds the finished families" if args.json and results else ""
+            raise StateError(f"{err}{where}. Run again for the missing families (--methods "
+                             f"{','.join(m for m in methods if m not in results)})") from None
     return 0

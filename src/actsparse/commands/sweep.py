@@ -5,10 +5,10 @@ import argparse
 import time
 from pathlib import Path
 
-from actsparse.commands.common import (DEFAULT_OUT, add_model_options, add_text_options, check_output,
-                                       differing_fields, load_causal_lm, positive_int, read_result, setup,
+from actsparse.commands.common import (DEFAULT_OUT, add_model_options, add_ray_option, add_text_options,
+                                       check_output, differing_fields, positive_int, read_result, setup,
                                        text_options, window_int)
-from actsparse.errors import ConfigError
+from actsparse.errors import ConfigError, StateError
 
 ORDER_HINT = (0.5, 0.3, 0.7, 0.4, 0.6)  # most informative targets first, so a partial run is useful
 
@@ -40,6 +40,7 @@ def register(sub) -> None:
                    help="keep finished points of an existing JSON (refused if it was made with another model, "
                         "dtype, data or protocol)")
     p.add_argument("--no-progress", action="store_true")
+    add_ray_option(p, "every method x sparsity point (and the dense run) is a Ray task")
     p.set_defaults(func=run)
 
 
@@ -86,15 +87,15 @@ def check_resumable(saved: dict, header: dict, path) -> None:
                           f"run's ({'; '.join(diffs)}). Use another --out, or drop --resume to start it again")
 
 
-def run(args) -> int:
-    from actsparse.data.text import text, token_windows
-    from actsparse.eval.perplexity import bootstrap_ratio, perplexity
+def run(args, *, cell_fn=None) -> int:
+    """``cell_fn``: with --ray, the function a worker runs per cell (tests pass one that kills
+    its worker); None is the real one."""
+    from actsparse.eval.cells import Workload, cell_name, sweep_entry
+    from actsparse.eval.perplexity import PerplexityResult
+    from actsparse.experiments.executors import CellsFailed, executor
     from actsparse.io import write_json
-    from actsparse.models.loading import check_window, weights_identity
     from actsparse.provenance import environment, git_hash
     from actsparse.report.quality_report import plot_quality
-    from actsparse.sparsify.api import calibrate, desparsify_, sparsify_
-    from actsparse.sparsify.modules import bytes_skipped
     from actsparse.sparsify.registry import check_sparsity, make_config
 
     setup(args)
@@ -108,72 +109,89 @@ def run(args) -> int:
     check_output(out, "--out")
     check_output(plot, "--plot")
     saved = read_result(out, "--out") if args.resume and out.is_file() else None
-    model, tok = load_causal_lm(args, "`actsparse sweep`")
-    check_window(model, args.calib_window, option="--calib-window")
-    check_window(model, args.window)
     reading = text_options(args)
-    cal = token_windows(tok, text(args.data, "calibration", **reading), window=args.calib_window,
-                        max_tokens=args.calib_tokens, sampling=args.sampling)
-    test = token_windows(tok, text(args.data, "test", **reading), window=args.window, max_tokens=args.tokens,
-                         sampling=args.sampling)
-    header = {"format": "actsparse.quality/1", "model": args.model, "identity": weights_identity(model),
-              "dtype": args.dtype,
-              "protocol": {"data": args.data, "text_options": reading,
-                           "calibration": {"split": "calibration", "tokens": cal.tokens, "window": args.calib_window,
-                                           "sampling": cal.sampling, "windows_available": cal.available},
-                           "evaluation": {"split": "test", "tokens_requested": args.tokens, "window": args.window,
-                                          "stride": args.window, "windows": len(test),
-                                          "mode": "non-overlapping, BOS at each window start",
-                                          "sampling": test.sampling, "windows_available": test.available}}}
-    if saved is not None:
-        check_resumable(saved, header, out)
-        doc = saved
-    else:
-        doc = {**header, "git": git_hash(), "environment": environment(), "dense": None, "results": []}
-    doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    t0 = time.perf_counter()
-    configs = [make_config(m, 0.5) for m in methods]
-    stats = calibrate(model, configs, cal, progress=not args.no_progress)
-    doc["protocol"]["calibration"]["seconds"] = time.perf_counter() - t0
-    if doc["dense"] is None:
-        d = perplexity(model, test, progress=not args.no_progress)
-        doc["dense"] = d.to_dict()
-        doc["protocol"]["evaluation"]["scored_tokens"] = d.tokens
-        write_json(out, doc)
-        print(f"dense: {d}", flush=True)
-    dense_ppl = doc["dense"]["ppl"]
-    done = {(r["method"], r["target"]) for r in doc["results"]}
+    workload = Workload(model=args.model, dtype=args.dtype, data=args.data, text_options=reading,
+                        sampling=args.sampling, calib_tokens=args.calib_tokens, calib_window=args.calib_window,
+                        tokens=args.tokens, window=args.window, split="test", methods=tuple(methods),
+                        threads=args.threads, what="`actsparse sweep`",
+                        progress=not args.no_progress and args.ray is None)
     order = sorted(targets, key=lambda s: (ORDER_HINT.index(s) if s in ORDER_HINT else 99, s))
-    for s in order:
-        for m in methods:
-            if (m, s) in done:
-                continue
-            config = make_config(m, s)
-            sparsify_(model, config, stats=stats)
-            try:
-                nominal = bytes_skipped(model, nominal={a.path: a.target for a in model._actsparse_sparsity.assignments
-                                                        if a.target is not None})
-                r = perplexity(model, test, progress=not args.no_progress)
-            finally:
-                desparsify_(model)
-            ci = bootstrap_ratio(r, doc["dense"])
-            doc["results"].append({"method": m, "target": s, "config": config.to_dict(), "ppl": r.ppl,
-                                   "ratio": r.ppl / dense_ppl, "ratio_ci95": list(ci),
-                                   "reached_sparsity": r.reached_sparsity,
-                                   "bytes_skipped": r.bytes_skipped, "nominal_bytes_skipped": nominal,
-                                   "seconds": r.seconds, "window_nll": r.window_nll,
-                                   "window_tokens": r.window_tokens})
-            doc["ranking"] = _ranking(doc["results"])
+    grid = [(m, s) for s in order for m in methods]
+    with executor(workload, args.ray, cell_fn=cell_fn) as ex:
+        info = {}
+        ex.map([{"kind": "describe"}], lambda cell, res: info.update(res["result"]))
+        header = sweep_header(args, reading, info)
+        if saved is not None:
+            check_resumable(saved, header, out)
+            doc = saved
+        else:
+            doc = {**header, "git": git_hash(), "environment": environment(), "dense": None, "results": []}
+        doc.setdefault("environment", {})["executor"] = ex.record  # how this run ran; not part of the identity
+        doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        done = {(r["method"], r["target"]) for r in doc["results"]}
+        kept = list(doc["results"])  # earlier runs' points stay first, in their order
+        cells = ([{"kind": "dense"}] if doc["dense"] is None else [])
+        cells += [{"kind": "sparse", "method": m, "target": s} for m, s in grid if (m, s) not in done]
+        unfinished = {cell_name(c) for c in cells}
+        waiting, entries = {}, {}  # points that wait for the dense run; finished entries
+
+        def on_result(cell, res):
+            if res["calibration_seconds"] is not None:
+                doc["protocol"]["calibration"]["seconds"] = res["calibration_seconds"]
+            if cell["kind"] == "dense":
+                doc["dense"] = res["result"]
+                doc["protocol"]["evaluation"]["scored_tokens"] = res["result"]["tokens"]
+                print(f"dense: {PerplexityResult(**res['result'])}", flush=True)
+            else:
+                waiting[(cell["method"], cell["target"])] = res["result"]
+            unfinished.discard(cell_name(cell))
+            if doc["dense"] is None:
+                return  # a point is written with its ratio to dense, so after the dense run
+            dense_ppl = doc["dense"]["ppl"]
+            for (m, s), point in sorted(waiting.items(), key=lambda kv: grid.index(kv[0])):
+                e = entries[(m, s)] = sweep_entry(point, doc["dense"])
+                lo, hi = e["ratio_ci95"]
+                print(f"{m} @ {s:.2f}: PPL {e['ppl']:.3f} (x{e['ppl'] / dense_ppl:.3f}, 95% [{lo:.3f}, {hi:.3f}]), "
+                      f"bytes skipped {e['bytes_skipped']:.3f}, reached {e['reached_sparsity']}", flush=True)
+            waiting.clear()
+            doc["results"] = kept + [entries[k] for k in grid if k in entries]
+            if entries:
+                doc["ranking"] = _ranking(doc["results"])
+            # a file of an unfinished run says so: the points it still lacks (gone once complete)
+            doc.pop("unfinished", None)
+            if unfinished:
+                doc["unfinished"] = [cell_name(c) for c in cells if cell_name(c) in unfinished]
             write_json(out, doc)
-            print(f"{m} @ {s:.2f}: PPL {r.ppl:.3f} (x{r.ppl / dense_ppl:.3f}, 95% [{ci[0]:.3f}, {ci[1]:.3f}]), "
-                  f"bytes skipped {r.bytes_skipped:.3f}, reached {r.reached_sparsity}", flush=True)
-            try:
-                plot_quality(doc, plot)
-            except Exception as err:  # a plot must never lose a measurement
-                print(f"plot failed: {err}")
+            if entries:
+                try:
+                    plot_quality(doc, plot)
+                except Exception as err:  # a plot must never lose a measurement
+                    print(f"plot failed: {err}")
+
+        try:
+            ex.map(cells, on_result)
+        except CellsFailed as err:
+            kept_note = (f"{out} holds only the finished points (its 'unfinished' list names the rest)"
+                         if "unfinished" in doc else f"nothing was written to {out}")
+            raise StateError(f"{err}. {kept_note}; run the same command with --resume to compute what is "
+                             "missing") from None
     plot_quality(doc, plot)
     print(f"wrote {out} and {plot}")
     return 0
+
+
+def sweep_header(args, reading: dict, info: dict) -> dict:
+    """What identifies a sweep file (its model, dtype, data and protocol); ``info`` is the
+    ``describe`` cell's answer (the weights' identity and the windows actually cut)."""
+    cal, ev = info["calibration"], info["evaluation"]
+    return {"format": "actsparse.quality/1", "model": args.model, "identity": info["identity"], "dtype": args.dtype,
+            "protocol": {"data": args.data, "text_options": reading,
+                         "calibration": {"split": "calibration", "tokens": cal["tokens"], "window": args.calib_window,
+                                         "sampling": cal["sampling"], "windows_available": cal["windows_available"]},
+                         "evaluation": {"split": "test", "tokens_requested": args.tokens, "window": args.window,
+                                        "stride": args.window, "windows": ev["windows"],
+                                        "mode": "non-overlapping, BOS at each window start",
+                                        "sampling": ev["sampling"], "windows_available": ev["windows_available"]}}}
 
 
 def _ranking(results: list[dict]) -> dict:
