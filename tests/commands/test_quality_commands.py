@@ -86,6 +86,7 @@ def test_sweep_writes_the_protocol_and_a_plot(sweep_file):
     assert prot["calibration"]["sampling"] == prot["evaluation"]["sampling"] == "spread"
     assert prot["text_options"] == {"text_field": "text", "encoding": "utf-8", "doc_separator": None}
     assert prot["evaluation"]["windows"] == 3 and doc["dense"]["tokens"] == 512
+    assert prot["evaluation"]["sparse_protocol"] == doc["dense"]["sparse_protocol"] == "all"
     [r] = doc["results"]
     assert (r["method"], r["target"]) == ("teal", 0.5) and r["ratio"] > 1
     assert math.isclose(r["ratio"], r["ppl"] / doc["dense"]["ppl"])
@@ -105,7 +106,8 @@ def test_sweep_resume_adds_points_of_the_same_protocol_only(sweep_file, capsys):
     for change, field in ((["--dtype", "bfloat16"], "dtype: file 'float32', now 'bfloat16'"),
                           (["--tokens", "768"], "protocol.evaluation.tokens_requested: file 512, now 768"),
                           (["--data", "news"], "protocol.data: file 'wiki', now 'news'"),
-                          (["--sampling", "prefix"], "protocol.calibration.sampling: file 'spread', now 'prefix'")):
+                          (["--sampling", "prefix"], "protocol.calibration.sampling: file 'spread', now 'prefix'"),
+                          (["--protocol", "decode"], "protocol.evaluation.sparse_protocol: file 'all', now 'decode'")):
         assert main(more + change) == 2, change
         err = capsys.readouterr().err
         assert f"--resume: {out} was made with other settings" in err and field in err, err
@@ -125,9 +127,24 @@ def test_pplp_into_the_sweep_of_the_same_model_only(sweep_file, tmp_path, capsys
     other.write_text(json.dumps({**json.loads(out.read_text()), "dtype": "bfloat16"}))
     assert main(argv[:-1] + [str(other)] + SMALL) == 2
     assert "--into" in (err := capsys.readouterr().err) and "dtype: file 'bfloat16', now 'float32'" in err
+    assert main(argv + SMALL + ["--protocol", "decode"]) == 2
+    assert "sparse protocol: file 'all', now 'decode'" in capsys.readouterr().err
     other.write_text(json.dumps({"format": "actsparse.eval/1"}))
     assert main(argv[:-1] + [str(other)] + SMALL) == 2
     assert "is not a sweep result" in capsys.readouterr().err
+
+
+def test_sweep_under_the_decode_protocol(tmp_path):
+    """The dense reference and every point score the second half of each window only."""
+    out = tmp_path / "decode.json"
+    assert main(["sweep", "--methods", "teal", "--sparsity", "0.5", "--calib-window", "256", "--window", "256",
+                 "--protocol", "decode", "--out", str(out)] + SMALL) == 0
+    doc = json.loads(out.read_text())
+    assert doc["protocol"]["evaluation"]["sparse_protocol"] == doc["dense"]["sparse_protocol"] == "decode"
+    scored = doc["dense"]["window_tokens"]  # of each 256-token window, the predictions after its half
+    assert sum(scored) == doc["dense"]["tokens"] and max(scored) == 127
+    [r] = doc["results"]
+    assert r["window_tokens"] == doc["dense"]["window_tokens"] and 1 < r["ratio"]
 
 
 def test_no_progress_also_silences_the_loading_bars(capsys):

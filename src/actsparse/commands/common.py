@@ -87,6 +87,13 @@ def add_data_options(p: argparse.ArgumentParser, *, split: str = "calibration", 
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward. Default: %(default)s")
 
 
+def add_protocol_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", choices=["all", "decode"], default="all",
+                   help="which tokens are sparse: all (every token of every window) or decode (TEAL's evaluation: "
+                        "the first half of each window dense, filling the KV cache, the second half sparse and "
+                        "scored; the dense reference is evaluated the same way)")
+
+
 def add_ray_option(p: argparse.ArgumentParser, unit: str) -> None:
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help=f"run on a Ray cluster ({unit}; the JSON is the in-process one): auto = the running cluster "

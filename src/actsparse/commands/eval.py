@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import (add_model_options, add_plan_options, add_text_options, check_output,
+from actsparse.commands.common import (add_model_options, add_plan_options, add_protocol_option, add_text_options, check_output,
                                        load_causal_lm, load_plan_from_args, positive_int, setup, text_options,
                                        window_int)
 
@@ -27,10 +27,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=window_int, default=1024)
     p.add_argument("--stride", type=positive_int, default=None, help="sliding-window stride (default: = window)")
     p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--protocol", choices=["all", "decode"], default="all",
-                   help="which tokens are sparse: all (every token of every window) or decode (TEAL's: the first "
-                        "half of each window dense, filling the KV cache, the second half sparse and scored; "
-                        "compare with a dense eval under the same protocol)")
+    add_protocol_option(p)
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

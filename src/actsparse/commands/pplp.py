@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from actsparse.commands.common import (add_model_options, add_ray_option, add_text_options, check_output,
-                                       differing_fields, positive_int, read_result, setup, text_options, window_int)
+from actsparse.commands.common import (add_model_options, add_protocol_option, add_ray_option, add_text_options,
+                                       check_output, differing_fields, positive_int, read_result, setup, text_options, window_int)
 from actsparse.errors import ConfigError, StateError
 
 
@@ -24,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--p", type=float, default=1.0, help="allowed perplexity rise in percent")
     p.add_argument("--methods", default="cett", help="comma-separated families to search (cett always makes sense)")
     add_text_options(p)
+    add_protocol_option(p)
     p.add_argument("--calib-tokens", type=positive_int, default=8192)
     p.add_argument("--tokens", type=positive_int, default=2048, help="validation-split tokens per evaluation")
     p.add_argument("--window", type=window_int, default=1024)
@@ -49,6 +50,9 @@ def check_into(saved: dict, now: dict, path) -> None:
                           "'actsparse.quality/1' from `actsparse sweep`)")
     diffs = differing_fields(saved, now, identity_fields(saved, now) + ["dtype", "protocol.data",
                                                                          "protocol.text_options"])
+    saved_protocol = (saved.get("protocol") or {}).get("evaluation", {}).get("sparse_protocol", "all")
+    if saved_protocol != now.get("sparse_protocol", "all"):
+        diffs.append(f"sparse protocol: file {saved_protocol!r}, now {now.get('sparse_protocol')!r}")
     if diffs:
         raise ConfigError(f"--into {path} was made with other settings ({'; '.join(diffs)}); store the results in "
                           "the sweep of this model and data, or use --json alone")
@@ -76,6 +80,7 @@ def run(args, *, cell_fn=None) -> int:
         into = read_result(args.into, "--into")
     reading = text_options(args)
     workload = Workload(model=args.model, dtype=args.dtype, data=args.data, text_options=reading,
+                        sparse_protocol=args.protocol,
                         sampling=args.sampling, calib_tokens=args.calib_tokens, calib_window=args.window,
                         tokens=args.tokens, window=args.window, split="validation", threads=args.threads,
                         what="`actsparse pplp`", progress=not args.no_progress and args.ray is None)
@@ -85,7 +90,8 @@ def run(args, *, cell_fn=None) -> int:
             info = {}
             ex.map([{"kind": "describe"}], lambda cell, res: info.update(res["result"]))
             check_into(into, {"identity": info["identity"], "dtype": args.dtype,
-                              "protocol": {"data": args.data, "text_options": reading}}, args.into)
+                              "protocol": {"data": args.data, "text_options": reading},
+                              "sparse_protocol": args.protocol}, args.into)
         ex.map([{"kind": "dense"}], lambda cell, res: got.update(dense=res["result"]))
         dense = got["dense"]
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
-from actsparse.commands.common import (DEFAULT_OUT, add_model_options, add_ray_option, add_text_options,
+from actsparse.commands.common import (DEFAULT_OUT, add_model_options, add_protocol_option, add_ray_option, add_text_options,
                                        check_output, differing_fields, positive_int, read_result, setup,
                                        text_options, window_int)
 from actsparse.errors import ConfigError, StateError
@@ -28,6 +29,7 @@ def register(sub) -> None:
                         "chess, chess-selective, topk, wina")
     p.add_argument("--sparsity", default="0.3,0.4,0.5,0.6,0.7", help="comma-separated targets")
     add_text_options(p)
+    add_protocol_option(p)
     p.add_argument("--calib-tokens", type=positive_int, default=16384, help="calibration-split tokens")
     p.add_argument("--calib-window", type=window_int, default=1024)
     p.add_argument("--tokens", type=positive_int, default=16 * 1024, help="test-split tokens")
@@ -59,7 +61,7 @@ RESUME_FIELDS = ("format", "dtype", "protocol.data", "protocol.text_options",
                  "protocol.calibration.split", "protocol.calibration.tokens", "protocol.calibration.window",
                  "protocol.calibration.sampling", "protocol.evaluation.split", "protocol.evaluation.tokens_requested",
                  "protocol.evaluation.window", "protocol.evaluation.stride", "protocol.evaluation.windows",
-                 "protocol.evaluation.mode", "protocol.evaluation.sampling")
+                 "protocol.evaluation.mode", "protocol.evaluation.sampling", "protocol.evaluation.sparse_protocol")
 
 
 def identity_fields(saved: dict, now: dict) -> list[str]:
@@ -73,6 +75,8 @@ def check_resumable(saved: dict, header: dict, path) -> None:
     naming every field that differs."""
     from actsparse.sparsify.registry import make_config
 
+    saved = copy.deepcopy(saved)  # files from before the decode protocol evaluated every token sparse
+    saved.get("protocol", {}).get("evaluation", {}).setdefault("sparse_protocol", "all")
     diffs = differing_fields(saved, header, identity_fields(saved, header) + list(RESUME_FIELDS))
     for r in saved.get("results") or []:
         try:
@@ -113,7 +117,7 @@ def run(args, *, cell_fn=None) -> int:
     workload = Workload(model=args.model, dtype=args.dtype, data=args.data, text_options=reading,
                         sampling=args.sampling, calib_tokens=args.calib_tokens, calib_window=args.calib_window,
                         tokens=args.tokens, window=args.window, split="test", methods=tuple(methods),
-                        threads=args.threads, what="`actsparse sweep`",
+                        sparse_protocol=args.protocol, threads=args.threads, what="`actsparse sweep`",
                         progress=not args.no_progress and args.ray is None)
     order = sorted(targets, key=lambda s: (ORDER_HINT.index(s) if s in ORDER_HINT else 99, s))
     grid = [(m, s) for s in order for m in methods]
@@ -191,7 +195,8 @@ def sweep_header(args, reading: dict, info: dict) -> dict:
                          "evaluation": {"split": "test", "tokens_requested": args.tokens, "window": args.window,
                                         "stride": args.window, "windows": ev["windows"],
                                         "mode": "non-overlapping, BOS at each window start",
-                                        "sampling": ev["sampling"], "windows_available": ev["windows_available"]}}}
+                                        "sampling": ev["sampling"], "windows_available": ev["windows_available"],
+                                        "sparse_protocol": args.protocol}}}
 
 
 def _ranking(results: list[dict]) -> dict:

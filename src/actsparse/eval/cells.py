@@ -37,6 +37,7 @@ class Workload:
     window: int
     split: str  # the evaluation split: "test" (sweep) or "validation" (pplp)
     methods: tuple = ()  # calibrated together once (sweep); empty: per family (pplp)
+    sparse_protocol: str = "all"  # which evaluated tokens are sparse (eval.perplexity)
     threads: int | None = None
     what: str = "`actsparse sweep`"  # the command, for a model without a causal-LM head
     progress: bool = False
@@ -115,7 +116,8 @@ def dense(bench: Workbench) -> dict:
     from actsparse.eval.perplexity import perplexity
 
     desc = "perplexity" if bench.workload.split == "test" else "perplexity, dense"
-    return perplexity(bench.model, bench.evaluation, progress=bench.workload.progress, desc=desc).to_dict()
+    return perplexity(bench.model, bench.evaluation, progress=bench.workload.progress, desc=desc,
+                      sparse_protocol=bench.workload.sparse_protocol).to_dict()
 
 
 def sparse_point(bench: Workbench, method: str, target: float) -> dict:
@@ -130,13 +132,14 @@ def sparse_point(bench: Workbench, method: str, target: float) -> dict:
     try:
         nominal = bytes_skipped(model, nominal={a.path: a.target for a in model._actsparse_sparsity.assignments
                                                 if a.target is not None})
-        r = perplexity(model, bench.evaluation, progress=bench.workload.progress)
+        r = perplexity(model, bench.evaluation, progress=bench.workload.progress,
+                       sparse_protocol=bench.workload.sparse_protocol)
     finally:
         desparsify_(model)
     return {"method": method, "target": target, "config": config.to_dict(), "ppl": r.ppl,
             "reached_sparsity": r.reached_sparsity, "bytes_skipped": r.bytes_skipped,
             "nominal_bytes_skipped": nominal, "seconds": r.seconds, "window_nll": r.window_nll,
-            "window_tokens": r.window_tokens}
+            "window_tokens": r.window_tokens, "sparse_protocol": r.sparse_protocol}
 
 
 def sweep_entry(point: dict, dense_result: dict) -> dict:
@@ -166,7 +169,7 @@ def pplp_family(bench: Workbench, method: str, dense_ppl: float, *, p: float, hi
     stats = bench.stats_for((method,))
     hi = hi if hi is not None else HI.get(method, 0.6)
     r = ppl_p_search(bench.model, lambda x: make_config(method, x), stats, bench.evaluation, dense_ppl, p=p, hi=hi,
-                     steps=steps, progress=w.progress, desc=f"pplp {method}")
+                     steps=steps, progress=w.progress, desc=f"pplp {method}", sparse_protocol=w.sparse_protocol)
     bench.stats.clear()
     r["protocol"].update({"data": w.data, "text_options": w.text_options, "split": w.split,
                           "sampling": bench.evaluation.sampling, "calibration_tokens": bench.calibration.tokens,

@@ -317,14 +317,15 @@ def _bisect(evaluate, lo: float, hi: float, limit: float, steps: int, log: list,
 
 def ppl_p_search(model: nn.Module, make_config, stats: dict, windows, dense_ppl: float, *, p: float = 1.0,
                  lo: float = 0.0, hi: float = 0.9, steps: int = 7, progress: bool = False,
-                 desc: str = "PPL-p% bisection") -> dict:
+                 desc: str = "PPL-p% bisection", sparse_protocol: str = "all") -> dict:
     """Binary-search the knob ``x`` of ``make_config(x)`` (a uniform sparsity, or the CETT value
     shared by all layers) so that perplexity on ``windows`` rises by at most ``p`` percent.
 
     Returns the knob, its perplexity, the reached sparsity per site kind (on ``windows``), the
     fraction of block linear weight bytes skipped, and the search log. Each knob value is
     evaluated once (the winner's figures come from its bisection step; ``lo`` is evaluated only
-    if no step passed). ``progress`` shows a bar over the bisection steps labelled ``desc``."""
+    if no step passed). ``progress`` shows a bar over the bisection steps labelled ``desc``;
+    ``sparse_protocol`` as in :func:`perplexity` (``dense_ppl`` must come from the same one)."""
     from tqdm.auto import tqdm
 
     from actsparse.sparsify.api import desparsify_, sparsify_
@@ -337,7 +338,7 @@ def ppl_p_search(model: nn.Module, make_config, stats: dict, windows, dense_ppl:
         if x not in seen:
             sparsify_(model, make_config(x), stats=stats)
             try:
-                seen[x] = perplexity(model, windows)
+                seen[x] = perplexity(model, windows, sparse_protocol=sparse_protocol)
             finally:
                 desparsify_(model)
         return seen[x]
@@ -351,4 +352,5 @@ def ppl_p_search(model: nn.Module, make_config, stats: dict, windows, dense_ppl:
     return {"p": p, "knob": best, "ppl": res.ppl, "dense_ppl": dense_ppl, "ratio": res.ppl / dense_ppl,
             "reached_sparsity": res.reached_sparsity, "bytes_skipped": res.bytes_skipped, "search": log,
             "protocol": {"windows": res.windows, "window": res.window, "tokens": res.tokens, "steps": steps,
+                         "sparse_protocol": sparse_protocol,
                          "range": [lo, hi], "resolution": (hi - lo) / 2 ** steps}}
