@@ -69,7 +69,9 @@ def register(sub) -> None:
         "calibrate", help="calibrate a training-free sparsity method and save a plan",
         description="Run the model over calibration text, set the thresholds of a method (teal, cats, chess, "
                     "topk, wina, cett) and write a plan directory (plan.json + plan.safetensors) that "
-                    "`actsparse eval --plan` and load_plan() apply.",
+                    "`actsparse eval --plan` and load_plan() apply. Under torchrun (`torchrun --nproc-per-node N "
+                    "-m actsparse calibrate ...`) each rank runs a block of the batches, the statistics are "
+                    "all-reduced, and rank 0 writes the plan one process would write.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     add_data_options(p, split="calibration", tokens=8192)
@@ -81,20 +83,32 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from actsparse.data.text import text, token_windows
+    from actsparse.measure import distributed
     from actsparse.models.loading import check_window
     from actsparse.sparsify.api import sparsify_
     from actsparse.sparsify.plan import save_plan
 
     setup(args)
     check_output(args.out, "--out", directory=True)
-    config = config_from_args(args)
-    model, tok = load_causal_lm(args, "`actsparse calibrate`")
-    check_window(model, args.window)
-    windows = token_windows(tok, text(args.data, args.split, **text_options(args)), window=args.window,
-                            max_tokens=args.tokens, sampling=args.sampling)
-    sparsify_(model, config, calibration=windows, batch_size=args.batch_size, progress=not args.no_progress)
-    save_plan(model, args.out, meta={"model": args.model, "data": args.data, "split": args.split,
-                                     "tokens": windows.tokens, "window": args.window, "sampling": windows.sampling,
-                                     "windows": len(windows), "windows_available": windows.available})
-    print(f"calibrated {config.METHOD} on {windows.tokens} tokens of {args.data}/{args.split}; wrote {args.out}")
+    world = distributed.init_from_env()
+    try:
+        config = config_from_args(args)
+        model, tok = load_causal_lm(args, "`actsparse calibrate`")
+        check_window(model, args.window)
+        windows = token_windows(tok, text(args.data, args.split, **text_options(args)), window=args.window,
+                                max_tokens=args.tokens, sampling=args.sampling)
+        sparsify_(model, config, calibration=windows, batch_size=args.batch_size,
+                  progress=not args.no_progress and world.is_main, world=world)
+        meta = {"model": args.model, "data": args.data, "split": args.split, "tokens": windows.tokens,
+                "window": args.window, "sampling": windows.sampling, "windows": len(windows),
+                "windows_available": windows.available}
+        if world.active:
+            meta["data_parallel"] = {"world_size": world.size, "backend": world.backend}
+        if world.is_main:  # the other ranks hold the same merged statistics and write nothing
+            save_plan(model, args.out, meta=meta)
+            ranks = f" on {world.size} ranks" if world.active else ""
+            print(f"calibrated {config.METHOD} on {windows.tokens} tokens of {args.data}/{args.split}{ranks}; "
+                  f"wrote {args.out}")
+    finally:
+        distributed.finish(world)
     return 0
