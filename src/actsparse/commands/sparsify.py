@@ -76,6 +76,10 @@ def register(sub) -> None:
     add_model_options(p)
     add_data_options(p, split="calibration", tokens=8192)
     add_method_options(p)
+    p.add_argument("--layerwise", action="store_true",
+                   help="models larger than memory: read one decoder layer at a time from the model's safetensors "
+                        "(memory-mapped), run the calibration hidden states through it and free it; the plan is "
+                        "the in-memory plan. LLaMA family; one process")
     p.add_argument("--out", required=True, type=Path, help="plan directory to write")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -92,6 +96,13 @@ def run(args) -> int:
     check_output(args.out, "--out", directory=True)
     world = distributed.init_from_env()
     try:
+        if args.layerwise:
+            if world.active:
+                from actsparse.errors import ConfigError
+
+                raise ConfigError("--layerwise calibrates in one process; run it without torchrun (or drop "
+                                  "--layerwise to calibrate data-parallel)")
+            return _run_layerwise(args)
         config = config_from_args(args)
         model, tok = load_causal_lm(args, "`actsparse calibrate`")
         check_window(model, args.window)
@@ -111,4 +122,33 @@ def run(args) -> int:
                   f"wrote {args.out}")
     finally:
         distributed.finish(world)
+    return 0
+
+
+def _run_layerwise(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from actsparse.data.text import text, token_windows
+    from actsparse.errors import ConfigError
+    from actsparse.models.loading import weights_directory
+    from actsparse.sparsify.layerwise import assign_layerwise, calibrate_layerwise, identity_layerwise
+    from actsparse.sparsify.plan import write_plan
+
+    config = config_from_args(args)
+    directory = weights_directory(args.model)
+    limit = getattr(AutoConfig.from_pretrained(str(directory)), "max_position_embeddings", None)
+    if limit is not None and args.window > limit:
+        raise ConfigError(f"--window {args.window} is longer than {args.model}'s max_position_embeddings ({limit})")
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    windows = token_windows(tok, text(args.data, args.split, **text_options(args)), window=args.window,
+                            max_tokens=args.tokens, sampling=args.sampling)
+    stats = calibrate_layerwise(args.model, config, windows, batch_size=args.batch_size, dtype=args.dtype,
+                                progress=not args.no_progress)
+    assignments = assign_layerwise(args.model, config, stats, dtype=args.dtype)
+    meta = {"model": args.model, "data": args.data, "split": args.split, "tokens": windows.tokens,
+            "window": args.window, "sampling": windows.sampling, "windows": len(windows),
+            "windows_available": windows.available, "layerwise": True}
+    write_plan(args.out, config, identity_layerwise(args.model, dtype=args.dtype), assignments, meta=meta)
+    print(f"calibrated {config.METHOD} layer by layer on {windows.tokens} tokens of {args.data}/{args.split}; "
+          f"wrote {args.out}")
     return 0
