@@ -78,7 +78,7 @@ def test_layerwise_keeps_one_layer_of_weights(tiny_dir, monkeypatch):
     monkeypatch.setattr(layerwise, "_free", lambda m: (seen.append(sum(p.numel() for p in m.parameters()
                                                                          if not p.is_meta)), real_free(m)))
     layerwise.calibrate_layerwise(d, TEAL(), random_windows(), batch_size=4)
-    assert resident == ["the token embedding"] + [f"decoder layer {i}" for i in range(3)]
+    assert resident == [f"decoder layer {i}" for i in range(3)]  # the embedding is read by rows
     assert all(n > 0 for n in seen)  # each was freed after use
 
 
@@ -116,3 +116,12 @@ def test_cli_layerwise_plan_equals_the_in_memory_plan_smollm2(smollm2, tmp_path)
     assert mem["modules"] == lw["modules"] and mem["model"] == lw["model"] and mem["meta"] == lw["meta"]
     a, b = load_file(tmp_path / "mem" / "plan.safetensors"), load_file(tmp_path / "lw" / "plan.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_embedding_read_by_blocks_of_rows_equals_the_lookup(tiny_dir):
+    from actsparse.sparsify.layerwise import SafetensorsWeights
+
+    d, model = tiny_dir
+    ids = random_windows(n=3).input_ids
+    got = SafetensorsWeights(d).embed("model.embed_tokens.weight", ids, torch.float32, rows_per_read=37)
+    assert torch.equal(got, model.get_input_embeddings()(ids))

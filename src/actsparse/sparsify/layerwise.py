@@ -3,8 +3,8 @@
 :func:`calibrate_layerwise` builds the model's skeleton on the ``meta`` device (no weight
 memory), memory-maps its safetensors files, and then
 
-1. materialises the token embedding, turns every calibration batch into hidden states and
-   frees the embedding again;
+1. turns every calibration batch into hidden states, reading the embedding table a block of
+   rows at a time (the rows the windows' tokens use);
 2. for each decoder layer: reads that layer's weights from the safetensors files (the file
    is opened for this layer only, so its mapped pages are released with it), runs every
    batch's hidden states through the layer with the capture probes of the requests in that
@@ -12,8 +12,9 @@ memory), memory-maps its safetensors files, and then
 
 What stays in memory between layers: the hidden states of all calibration windows
 (tokens x hidden x dtype bytes), the statistics, and the per-batch attention mask and rotary
-embeddings. At most one layer's weights are resident, plus, while it is being read, the
-file pages of that layer: about two layers plus the activations at the peak.
+embeddings. At most one layer's weights are resident, plus, while one tensor is being read,
+that tensor's mapped file pages (the file is opened per tensor): under two layers plus the
+activations at the peak.
 
 Two-pass requests (a ``scale_from`` statistic, CHESS's E|u_i|) are exact without a second
 sweep: the statistic they read lives in the same (or an earlier) layer, so once a layer's
@@ -67,16 +68,39 @@ class SafetensorsWeights:
                     self.files.update({k: f for k in fh.keys()})
 
     def load(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Every tensor whose name starts with ``prefix``, keyed by the rest of its name."""
+        """Every tensor whose name starts with ``prefix``, keyed by the rest of its name. The
+        file is mapped for one tensor at a time, so its touched pages never add up to more
+        than the tensor being copied."""
         from safetensors import safe_open
 
-        keys = [k for k in self.files if k.startswith(prefix)]
         out = {}
-        for f in sorted({self.files[k] for k in keys}):
-            with safe_open(str(f), framework="pt") as fh:  # mapped for this read only
-                for k in keys:
-                    if self.files[k] == f:
-                        out[k[len(prefix):]] = fh.get_tensor(k).to(dtype)
+        for k in [k for k in self.files if k.startswith(prefix)]:
+            with safe_open(str(self.files[k]), framework="pt") as fh:
+                out[k[len(prefix):]] = fh.get_tensor(k).to(dtype)
+        return out
+
+    def embed(self, name: str, ids: torch.Tensor, dtype: torch.dtype, rows_per_read: int = 4096) -> torch.Tensor:
+        """``embedding[ids]`` read ``rows_per_read`` rows at a time (the table is never whole in
+        memory): the values ``nn.Embedding`` would return."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise ModelNotFoundError(f"the safetensors files of {self.directory} lack {name!r}")
+        out = None
+        with safe_open(str(self.files[name]), framework="pt") as fh:
+            n_rows = fh.get_slice(name).get_shape()[0]
+        for lo in range(0, n_rows, rows_per_read):
+            hit = (ids >= lo) & (ids < lo + rows_per_read)
+            if not bool(hit.any()):
+                continue
+            with safe_open(str(self.files[name]), framework="pt") as fh:
+                rows = fh.get_slice(name)[lo:lo + rows_per_read].to(dtype)
+            if out is None:
+                out = torch.empty(tuple(ids.shape) + (rows.shape[1],), dtype=dtype)
+            out[hit] = rows[ids[hit] - lo]
+            del rows
+        if int(ids.min()) < 0 or int(ids.max()) >= n_rows:
+            raise ConfigError(f"token ids reach {int(ids.max())}, beyond the embedding's {n_rows} rows")
         return out
 
 
@@ -149,10 +173,8 @@ def calibrate_layerwise(model: str | Path, configs, calibration, *, batch_size: 
                                        "earlier one")
 
     # hidden states of every batch after the embedding (the embedding is freed again)
-    _materialise(base.embed_tokens, weights.load("model.embed_tokens.", torch_dtype), "the token embedding")
     batches = list(calibration.batches(batch_size))
-    hidden = [base.embed_tokens(b["input_ids"]) for b in batches]
-    _free(base.embed_tokens)
+    hidden = [weights.embed("model.embed_tokens.weight", b["input_ids"], torch_dtype) for b in batches]
     rotary = type(base.rotary_emb)(config=lm.config)  # its buffers are computed, not stored
     context = []
     for b, h in zip(batches, hidden):
