@@ -8,7 +8,8 @@ path runs in a fresh process on the same windows of the wiki calibration split:
 * ``layerwise``: ``calibrate_layerwise`` (one decoder layer resident at a time).
 
 Methods TEAL + CHESS (CHESS adds the second pass). Reported per run: the peak resident set
-(``ru_maxrss``), the resident set after imports (the interpreter, torch, transformers: the
+(``VmHWM`` of /proc/self/status: ``ru_maxrss`` would report the parent's peak, which
+Linux carries across ``exec``), the resident set after imports (the interpreter, torch, transformers: the
 same for both paths), and the budget "two layers + activations": 2 x one decoder layer's
 fp32 weights + the hidden states of all windows twice (a layer's inputs and outputs) + one
 batch's largest intermediates (the MLP's 3 x intermediate and the attention scores).
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -35,21 +36,25 @@ from actsparse.data.text import Windows
 from actsparse.sparsify import CHESS, TEAL
 from actsparse.sparsify.api import calibrate
 from actsparse.sparsify.layerwise import calibrate_layerwise
+def status_kb(field):  # this process's own figures (ru_maxrss would carry the parent's peak across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
 mode, directory, windows_file, threads, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
 t = load_file(windows_file)
 w = Windows(t["input_ids"], t["attention_mask"])
 cfgs = [TEAL(sparsity=0.5), CHESS(sparsity=0.5)]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = status_kb("VmRSS")
 t0 = time.perf_counter()
 if mode == "memory":
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = status_kb("VmHWM")
     stats = calibrate(model, cfgs, w, batch_size=batch)
 else:
     loaded = None
     stats = calibrate_layerwise(directory, cfgs, w, batch_size=batch)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kb("VmHWM")
 thr = {k: v.abs_quantile(0.5) for k, v in stats.items()}
 print(json.dumps({"mode": mode, "peak_kb": peak, "after_imports_kb": base, "after_load_kb": loaded,
                   "seconds": time.perf_counter() - t0, "statistics": len(stats), "median_abs": thr}))
