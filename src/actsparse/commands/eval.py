@@ -14,7 +14,8 @@ def register(sub) -> None:
         "eval", help="perplexity on held-out text (dense, or with --plan)",
         description="Perplexity on non-overlapping windows (or sliding with --stride) of a text split; with "
                     "--plan the saved sparsity plan is applied first and the reached sparsity per site kind "
-                    "is reported.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "is reported. Under torchrun each rank scores a block of the windows and rank 0 reports the "
+                    "gathered result (the same per-window NLLs as one process).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     add_plan_options(p)
     add_text_options(p, sampling=False)
@@ -36,22 +37,33 @@ def register(sub) -> None:
 def run(args) -> int:
     from actsparse.eval.perplexity import perplexity
     from actsparse.io import write_json
+    from actsparse.measure import distributed
 
     setup(args)
     if args.json:
         check_output(args.json, "--json")
-    model, tok = load_causal_lm(args, "`actsparse eval`")
-    if args.plan is not None:
-        load_plan_from_args(model, args)
-    res = perplexity(model, args.data, tokenizer=tok, split=args.split, window=args.window, stride=args.stride,
-                     tokens=args.tokens, batch_size=args.batch_size, progress=not args.no_progress,
-                     sampling=args.sampling, sparse_protocol=args.protocol, **text_options(args))
-    print(res)
-    for kind, s in res.reached_sparsity.items():
-        print(f"  reached sparsity {kind}: {s:.3f}")
-    if res.bytes_skipped is not None:
-        print(f"  block linear weight bytes skippable per token: {res.bytes_skipped:.3f}")
-    if args.json:
-        write_json(args.json, {"model": args.model, "plan": str(args.plan) if args.plan else None,
-                               "dtype": args.dtype, **res.to_dict()})
+    world = distributed.init_from_env()
+    try:
+        model, tok = load_causal_lm(args, "`actsparse eval`")
+        if args.plan is not None:
+            load_plan_from_args(model, args)
+        res = perplexity(model, args.data, tokenizer=tok, split=args.split, window=args.window, stride=args.stride,
+                         tokens=args.tokens, batch_size=args.batch_size, progress=not args.no_progress and world.is_main,
+                         sampling=args.sampling, sparse_protocol=args.protocol, world=world,
+                         **text_options(args))
+        if not world.is_main:  # every rank holds the gathered result; rank 0 reports it
+            return 0
+        print(res)
+        for kind, s in res.reached_sparsity.items():
+            print(f"  reached sparsity {kind}: {s:.3f}")
+        if res.bytes_skipped is not None:
+            print(f"  block linear weight bytes skippable per token: {res.bytes_skipped:.3f}")
+        if args.json:
+            doc = {"model": args.model, "plan": str(args.plan) if args.plan else None, "dtype": args.dtype,
+                   **res.to_dict()}
+            if world.active:
+                doc["data_parallel"] = {"world_size": world.size, "backend": world.backend}
+            write_json(args.json, doc)
+    finally:
+        distributed.finish(world)
     return 0

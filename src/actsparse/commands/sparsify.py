@@ -69,11 +69,17 @@ def register(sub) -> None:
         "calibrate", help="calibrate a training-free sparsity method and save a plan",
         description="Run the model over calibration text, set the thresholds of a method (teal, cats, chess, "
                     "topk, wina, cett) and write a plan directory (plan.json + plan.safetensors) that "
-                    "`actsparse eval --plan` and load_plan() apply.",
+                    "`actsparse eval --plan` and load_plan() apply. Under torchrun (`torchrun --nproc-per-node N "
+                    "-m actsparse calibrate ...`) each rank runs a block of the batches, the statistics are "
+                    "all-reduced, and rank 0 writes the plan one process would write.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     add_data_options(p, split="calibration", tokens=8192)
     add_method_options(p)
+    p.add_argument("--layerwise", action="store_true",
+                   help="models larger than memory: read one decoder layer at a time from the model's safetensors "
+                        "(memory-mapped), run the calibration hidden states through it and free it; the plan is "
+                        "the in-memory plan. LLaMA family; one process")
     p.add_argument("--out", required=True, type=Path, help="plan directory to write")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -81,20 +87,68 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from actsparse.data.text import text, token_windows
+    from actsparse.measure import distributed
     from actsparse.models.loading import check_window
     from actsparse.sparsify.api import sparsify_
     from actsparse.sparsify.plan import save_plan
 
     setup(args)
     check_output(args.out, "--out", directory=True)
+    world = distributed.init_from_env()
+    try:
+        if args.layerwise:
+            if world.active:
+                from actsparse.errors import ConfigError
+
+                raise ConfigError("--layerwise calibrates in one process; run it without torchrun (or drop "
+                                  "--layerwise to calibrate data-parallel)")
+            return _run_layerwise(args)
+        config = config_from_args(args)
+        model, tok = load_causal_lm(args, "`actsparse calibrate`")
+        check_window(model, args.window)
+        windows = token_windows(tok, text(args.data, args.split, **text_options(args)), window=args.window,
+                                max_tokens=args.tokens, sampling=args.sampling)
+        sparsify_(model, config, calibration=windows, batch_size=args.batch_size,
+                  progress=not args.no_progress and world.is_main, world=world)
+        meta = {"model": args.model, "data": args.data, "split": args.split, "tokens": windows.tokens,
+                "window": args.window, "sampling": windows.sampling, "windows": len(windows),
+                "windows_available": windows.available}
+        if world.active:
+            meta["data_parallel"] = {"world_size": world.size, "backend": world.backend}
+        if world.is_main:  # the other ranks hold the same merged statistics and write nothing
+            save_plan(model, args.out, meta=meta)
+            ranks = f" on {world.size} ranks" if world.active else ""
+            print(f"calibrated {config.METHOD} on {windows.tokens} tokens of {args.data}/{args.split}{ranks}; "
+                  f"wrote {args.out}")
+    finally:
+        distributed.finish(world)
+    return 0
+
+
+def _run_layerwise(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from actsparse.data.text import text, token_windows
+    from actsparse.errors import ConfigError
+    from actsparse.models.loading import weights_directory
+    from actsparse.sparsify.layerwise import assign_layerwise, calibrate_layerwise, identity_layerwise
+    from actsparse.sparsify.plan import write_plan
+
     config = config_from_args(args)
-    model, tok = load_causal_lm(args, "`actsparse calibrate`")
-    check_window(model, args.window)
+    directory = weights_directory(args.model)
+    limit = getattr(AutoConfig.from_pretrained(str(directory)), "max_position_embeddings", None)
+    if limit is not None and args.window > limit:
+        raise ConfigError(f"--window {args.window} is longer than {args.model}'s max_position_embeddings ({limit})")
+    tok = AutoTokenizer.from_pretrained(str(directory))
     windows = token_windows(tok, text(args.data, args.split, **text_options(args)), window=args.window,
                             max_tokens=args.tokens, sampling=args.sampling)
-    sparsify_(model, config, calibration=windows, batch_size=args.batch_size, progress=not args.no_progress)
-    save_plan(model, args.out, meta={"model": args.model, "data": args.data, "split": args.split,
-                                     "tokens": windows.tokens, "window": args.window, "sampling": windows.sampling,
-                                     "windows": len(windows), "windows_available": windows.available})
-    print(f"calibrated {config.METHOD} on {windows.tokens} tokens of {args.data}/{args.split}; wrote {args.out}")
+    stats = calibrate_layerwise(args.model, config, windows, batch_size=args.batch_size, dtype=args.dtype,
+                                progress=not args.no_progress)
+    assignments = assign_layerwise(args.model, config, stats, dtype=args.dtype)
+    meta = {"model": args.model, "data": args.data, "split": args.split, "tokens": windows.tokens,
+            "window": args.window, "sampling": windows.sampling, "windows": len(windows),
+            "windows_available": windows.available, "layerwise": True}
+    write_plan(args.out, config, identity_layerwise(args.model, dtype=args.dtype), assignments, meta=meta)
+    print(f"calibrated {config.METHOD} layer by layer on {windows.tokens} tokens of {args.data}/{args.split}; "
+          f"wrote {args.out}")
     return 0

@@ -131,7 +131,7 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
                stride: int | None = None, tokens: int | None = None, batch_size: int = 1,
                progress: bool = False, sampling: str | None = None, text_field: str = "text",
                encoding: str = "utf-8", doc_separator: str | None = None,
-               desc: str = "perplexity", sparse_protocol: str = "all") -> PerplexityResult:
+               desc: str = "perplexity", sparse_protocol: str = "all", world=None) -> PerplexityResult:
     """Perplexity of ``model`` on ``data``: a :class:`~actsparse.data.text.Windows`, a corpus name
     or path (tokenised with ``tokenizer``; ``split`` picks the documents; ``text_field``,
     ``encoding``, ``doc_separator`` say how files are read) or a list of documents.
@@ -143,7 +143,13 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     progress bar labelled ``desc``. ``sparse_protocol``: "all" (every token sparse) or
     "decode" (dense first half of each window, sparse second half scored; see the module
     docstring); the dense model gives the same tokens under both, so compare a sparse "decode"
-    result with the dense model evaluated under "decode" too."""
+    result with the dense model evaluated under "decode" too.
+
+    ``world`` (a :class:`~actsparse.measure.distributed.World` of several torchrun ranks): each
+    rank scores a contiguous block of the batches (sliding: of the windows); the per-window NLLs
+    and token counts are gathered in window order and the sparse modules' counters summed, so
+    every rank returns the one-process result (the same per-window list, hence the same sums
+    and bootstrap intervals)."""
     import inspect
 
     from tqdm.auto import tqdm
@@ -198,10 +204,17 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
     sparse = any(True for _ in iter_sparse_modules(model))
     if sparse:
         reset_counts(model)
+    from actsparse.measure import distributed as dist
+
+    world = world or dist.SINGLE
     start = time.perf_counter()
     window_nll, window_tokens = [], []
     if windows is not None:
-        for batch in tqdm(windows.batches(batch_size), total=windows.num_batches(batch_size), disable=not progress,
+        local = windows
+        if world.active:
+            _check_same_eval(model, world, windows.input_ids, windows.attention_mask, batch_size, sparse_protocol)
+            local, _ = dist.shard_batches(windows, batch_size, world)
+        for batch in tqdm(local.batches(batch_size), total=local.num_batches(batch_size), disable=not progress,
                           desc=desc):
             if decode:
                 s, c = _nll_batch_decode(model, batch["input_ids"], batch["attention_mask"])
@@ -213,16 +226,31 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         stream = _stream(tokenizer, docs, tokens)
         if len(stream) < window:
             raise DataError(f"the data gives {len(stream)} tokens, fewer than one window of {window}")
-        prev_end, n = 0, len(stream)
-        for begin in tqdm(range(0, n - 1, stride), disable=not progress, desc=desc):
+        spans, prev_end, n = [], 0, len(stream)
+        for begin in range(0, n - 1, stride):
             end = min(begin + window, n)
-            ids = torch.tensor([stream[begin:end]])
-            s, c = _nll_batch(model, ids, torch.ones_like(ids), score_from=max(prev_end - begin, 1), extra=extra)
-            window_nll += s
-            window_tokens += c
+            spans.append((begin, end, max(prev_end - begin, 1)))
             prev_end = end
             if end == n:
                 break
+        if world.active:
+            ids_all = torch.tensor(stream)
+            _check_same_eval(model, world, ids_all, torch.tensor(spans), 1)
+            spans = [spans[i] for i in dist.shard_range(len(spans), world, what="sliding windows",
+                                                        detail="give more tokens or fewer ranks")]
+        for begin, end, score_from in tqdm(spans, disable=not progress, desc=desc):
+            ids = torch.tensor([stream[begin:end]])
+            s, c = _nll_batch(model, ids, torch.ones_like(ids), score_from=score_from, extra=extra)
+            window_nll += s
+            window_tokens += c
+    if world.active:
+        window_nll = dist.gather_list(window_nll, world, torch.float64)
+        window_tokens = [int(c) for c in dist.gather_list(window_tokens, world, torch.int64)]
+        if sparse:
+            mods = [m for _, m in iter_sparse_modules(model)]
+            counts = dist.all_reduce_ints([v for m in mods for v in (m.zeros, m.entries)], world)
+            for i, m in enumerate(mods):
+                m.zeros, m.entries = counts[2 * i], counts[2 * i + 1]
     seconds = time.perf_counter() - start
     nll_sum, count, n_windows = float(sum(window_nll)), int(sum(window_tokens)), len(window_nll)
     if count == 0:
@@ -238,6 +266,35 @@ def perplexity(model: nn.Module, data="wiki", *, tokenizer=None, split: str = "t
         result.reached_sparsity = reached_sparsity(model)
         result.bytes_skipped = bytes_skipped(model)
     return result
+
+
+def _check_same_eval(model, world, ids: torch.Tensor, mask: torch.Tensor, batch_size: int,
+                     sparse_protocol: str = "all") -> None:
+    """Refuse ranks that evaluate different models, plans or text (see ``distributed.check_same``)."""
+    import hashlib
+
+    from actsparse.measure import distributed as dist
+    from actsparse.models.loading import weights_fingerprint
+    from actsparse.sparsify.modules import iter_sparse_modules
+
+    h = hashlib.sha1()
+    for t in (ids, mask):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    plan = hashlib.sha1()
+    for path, m in iter_sparse_modules(model):
+        thr = m.threshold
+        plan.update(f"{path}:{m.mode}:{m.k}:".encode())
+        if isinstance(thr, torch.Tensor):
+            plan.update(thr.detach().float().cpu().numpy().tobytes())
+        else:
+            plan.update(repr(thr).encode())
+    dtype = next((str(p.dtype) for p in model.parameters()), None)
+    dist.check_same({"model": {"class": type(model).__name__, "weights_fingerprint": weights_fingerprint(model),
+                               "dtype": dtype},
+                     "plan_sha1": plan.hexdigest(), "data_sha1": h.hexdigest(), "batch_size": batch_size,
+                     "sparse_protocol": sparse_protocol},
+                    world, what="evaluation")
 
 
 def _windows_of(r) -> tuple[np.ndarray, np.ndarray]:

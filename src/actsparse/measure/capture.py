@@ -138,12 +138,18 @@ class capture:
         temporal: also accumulate consecutive-token statistics (deltas, activation runs).
         flow_threshold: a neuron is "active" for activation flow when ``|v| > flow_threshold``.
         total_tokens: the run's token count, which row-sampling probes spread their rows over.
+        prior_tokens: real tokens of each forward that ran *before* this session's first one, in
+            another process of a data-parallel run: row-sampling probes then keep the rows a
+            single process would keep from this point on (see :mod:`actsparse.measure.distributed`).
     """
 
     def __init__(self, model: nn.Module, sites: SiteSpec = "default", *, probes: Sequence[Probe] | None = None,
                  eps: Iterable[float] = DEFAULT_EPS, temporal: bool = True, flow_threshold: float = 0.0,
-                 smap: SiteMap | None = None, total_tokens: int | None = None):
+                 smap: SiteMap | None = None, total_tokens: int | None = None,
+                 prior_tokens: Sequence[int] | None = None):
         self.model = model
+        self.prior_tokens = list(prior_tokens or [])
+        self._prior_kept: dict[int, int] = {}
         if probes is None:
             probes = [Probe(s.name, s) for s in resolve_sites(model, sites, smap)]
         self.probes = list(probes)
@@ -216,12 +222,23 @@ class capture:
         n = flat.shape[0] if rows is None else rows.numel()
         total = self.total_tokens or n
         quota = math.ceil(n * min(1.0, probe.rows / max(total, 1)))
-        have = sum(x.shape[0] for x in self._rows.get(probe.key, []))
+        have = self._kept_before(probe.rows) + sum(x.shape[0] for x in self._rows.get(probe.key, []))
         take = min(quota, probe.rows - have, n)
-        if take > 0:
+        if take <= 0:  # reached, nothing to keep: an empty sample (a data-parallel rank after the quota)
+            self._rows.setdefault(probe.key, []).append(flat[:0].to(torch.float32).cpu())
+        else:
             idx = torch.linspace(0, n - 1, take).round().long()
             pick = idx if rows is None else rows[idx]
             self._rows.setdefault(probe.key, []).append(flat[pick.to(flat.device)].to(torch.float32).cpu())
+
+    def _kept_before(self, rows: int) -> int:
+        if not self.prior_tokens:
+            return 0
+        if rows not in self._prior_kept:
+            from actsparse.measure.distributed import rows_kept_before
+
+            self._prior_kept[rows] = rows_kept_before(self.prior_tokens, rows, self.total_tokens or 0)
+        return self._prior_kept[rows]
 
     # ---------------------------------------------------------------- results
     def stats(self) -> dict:

@@ -121,6 +121,23 @@ def load(name: str = DEFAULT_MODEL, *, dtype="float32", device: str = "cpu") -> 
     return ModelBundle(model, tok, name, source)
 
 
+def weights_directory(name: str) -> Path:
+    """The local Hugging Face directory (config.json + safetensors) that ``load(name)`` reads:
+    an embedded model's cache entry, a converted ``.gguf``, or a local directory (no hub ids:
+    their files are not local)."""
+    path = Path(os.path.expanduser(name))
+    if name in EMBEDDED:
+        return _embedded_dir(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return _converted_gguf_dir(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ModelNotFoundError(f"{name!r} is not an embedded model, a .gguf file or a local model directory with "
+                             "config.json (layer-by-layer loading reads local safetensors files)")
+
+
 def _from_pretrained(where, torch_dtype):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 

@@ -76,18 +76,30 @@ def required_stats(model: nn.Module, configs) -> list[Request]:
 
 
 def calibrate(model: nn.Module, configs, calibration, *, stats=None, batch_size: int = 4,
-              progress: bool = False) -> dict:
-    """Compute the calibration statistics that ``configs`` need on ``calibration`` windows."""
+              progress: bool = False, world=None) -> dict:
+    """Compute the calibration statistics that ``configs`` need on ``calibration`` windows.
+
+    ``world``: a :class:`~actsparse.measure.distributed.World` of several ranks (torchrun):
+    each rank runs its shard of the windows and the statistics are merged, so every rank
+    returns what one process would (see :mod:`actsparse.measure.distributed`)."""
     if is_sparsified(model):
         raise StateError("calibrate a dense model: call desparsify_(model) first")
     reqs = required_stats(model, configs)
-    out = calib.collect(model, calibration, reqs, batch_size=batch_size, progress=progress, have=_as_stats(stats))
+    description = None
+    if world is not None and world.active:
+        from actsparse.models.loading import weights_identity
+
+        cfgs = configs if isinstance(configs, (list, tuple)) else [configs]
+        dtype = next((str(p.dtype) for p in model.parameters()), None)
+        description = {"configs": [c.to_dict() for c in cfgs], "model": weights_identity(model), "dtype": dtype}
+    out = calib.collect(model, calibration, reqs, batch_size=batch_size, progress=progress, have=_as_stats(stats),
+                        world=world, description=description)
     calib.check_enough(out, reqs)
     return out
 
 
 def plan_assignments(model: nn.Module, config: SparsityConfig, stats=None, calibration=None, *,
-                     batch_size: int = 4, progress: bool = False) -> list[Assignment]:
+                     batch_size: int = 4, progress: bool = False, world=None) -> list[Assignment]:
     """What ``sparsify_`` would install, without installing it."""
     if not isinstance(config, SparsityConfig):
         raise ConfigError(f"config must be a method config (TEAL(...), CATS(...), ...), got {type(config).__name__}")
@@ -101,7 +113,8 @@ def plan_assignments(model: nn.Module, config: SparsityConfig, stats=None, calib
             f"{type(config).__name__} needs calibration statistics that were not given "
             f"(e.g. {missing[0].key}); pass calibration=Windows(...) or stats from calibrate()/profile()")
     if calibration is not None and any(r.key not in stats for r in reqs):
-        stats = calibrate(model, config, calibration, stats=stats, batch_size=batch_size, progress=progress)
+        stats = calibrate(model, config, calibration, stats=stats, batch_size=batch_size, progress=progress,
+                          world=world)
     calib.check_enough(stats, reqs)
     assignments = handler.assign(target, stats)
     target.check_overrides()
@@ -110,16 +123,18 @@ def plan_assignments(model: nn.Module, config: SparsityConfig, stats=None, calib
 
 def sparsify_(model: nn.Module, config: SparsityConfig, stats=None, calibration=None, *,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, batch_size: int = 4,
-              progress: bool = False) -> None:
+              progress: bool = False, world=None) -> None:
     """Apply ``config`` to ``model`` in place (returns None).
 
     ``stats``: calibration statistics (a dict from :func:`calibrate`, or a Profile whose sites
     cover what the method needs); ``calibration``: :class:`~actsparse.data.text.Windows` to
     compute missing statistics. ``filter_fn(module, path)``: return False to leave a module dense.
+    ``world``: data-parallel calibration across torchrun ranks (see :func:`calibrate`).
     """
     if is_sparsified(model):
         raise StateError("the model is already sparsified; call desparsify_(model) first")
-    assignments = plan_assignments(model, config, stats, calibration, batch_size=batch_size, progress=progress)
+    assignments = plan_assignments(model, config, stats, calibration, batch_size=batch_size, progress=progress,
+                                   world=world)
     if filter_fn is not None:
         assignments = [a for a in assignments if filter_fn(model.get_submodule(a.path), a.path)]
     install(model, config, assignments)

@@ -52,13 +52,30 @@ def quantile_threshold(st: SiteStats, sparsity: float) -> float:
 
 @torch.no_grad()
 def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: int = 4, progress: bool = False,
-            have: dict | None = None) -> dict:
+            have: dict | None = None, world=None, description: dict | None = None) -> dict:
     """Run ``model`` over ``windows`` (a :class:`~actsparse.data.text.Windows`) and fill every
-    request not already in ``have``. Returns a new dict (``have`` merged with the results)."""
+    request not already in ``have``. Returns a new dict (``have`` merged with the results).
+
+    ``world`` (a :class:`~actsparse.measure.distributed.World` of more than one rank): this
+    rank runs its block of whole batches and the statistics of every phase are merged across
+    ranks before the next phase reads them (the second pass's scale comes from the merged
+    first pass), so every rank returns what one process would; ``description`` (config,
+    model identity) must agree on every rank, checked before the first merge."""
+    from actsparse.measure import distributed as dist
+
+    world = world or dist.SINGLE
     out = dict(have or {})
     todo = [r for r in requests if r.key not in out]
     first = [r for r in todo if r.scale_from is None]
     second = [r for r in todo if r.scale_from is not None]
+    local, prior = windows, None
+    if world.active:
+        local, idx = dist.shard_batches(windows, batch_size, world)
+        prior = dist.batch_tokens(windows, batch_size)[:idx.start]
+        desc = {"requests": [[r.key, r.io, r.sample_rows, r.scale_from] for r in todo],
+                "windows": [len(windows), int(windows.input_ids.shape[1]), windows.tokens, batch_size],
+                "windows_sha1": _tensor_digest(windows.input_ids, windows.attention_mask), **(description or {})}
+        dist.check_same(desc, world, what="calibration")
     for phase in (first, second):
         if not phase:
             continue
@@ -71,11 +88,21 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
                     raise KeyError(f"request {r.key} needs statistics {r.scale_from!r}")
                 scale = mean_abs(src)
             probes.append(r.probe(scale))
-        with capture(model, probes=probes, total_tokens=windows.tokens) as cap:
-            run(model, windows.batches(batch_size), progress=progress, desc="calibrate",
-                total=windows.num_batches(batch_size))
-        out.update(cap.stats())
+        with capture(model, probes=probes, total_tokens=windows.tokens, prior_tokens=prior) as cap:
+            run(model, local.batches(batch_size), progress=progress, desc="calibrate",
+                total=local.num_batches(batch_size))
+        out.update(dist.all_reduce_stats(cap.stats(), world))
     return out
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def check_enough(stats: dict, requests: list[Request], minimum: int = MIN_CALIBRATION_TOKENS) -> None:

@@ -25,14 +25,22 @@ _REQUIRED_MODULE_KEYS = ("path", "module")
 
 def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -> Path:
     """Write the plan of a sparsified ``model`` to directory ``path``."""
-    from actsparse.io import write_safetensors, write_text
     from actsparse.sparsify.api import sparsity_state
-    from actsparse.version import __version__
 
     state = sparsity_state(model)
+    return write_plan(path, state.config, state.identity, state.assignments, meta=meta)
+
+
+def write_plan(path: str | Path, config, identity: dict, assignments, *, meta: dict | None = None) -> Path:
+    """Write a plan from its parts: the method ``config``, the model ``identity``
+    (``weights_identity``) and the ``assignments`` (what :func:`save_plan` writes for a
+    sparsified model; layer-by-layer calibration has no model in memory to sparsify)."""
+    from actsparse.io import write_safetensors, write_text
+    from actsparse.version import __version__
+
     directory = Path(path)
     tensors, modules = {}, []
-    for a in state.assignments:
+    for a in assignments:
         thr = a.threshold
         if isinstance(thr, torch.Tensor):
             key = f"{a.path}.threshold"
@@ -41,8 +49,8 @@ def save_plan(model: nn.Module, path: str | Path, *, meta: dict | None = None) -
         modules.append({"path": a.path, "module": a.module, "site_kind": a.site_kind, "mode": a.mode,
                         "threshold": thr, "k": a.k, "skips": list(a.skips), "width": a.width, "target": a.target})
     doc = {
-        "format": FORMAT, "actsparse": __version__, "method": state.config.METHOD,
-        "config": state.config.to_dict(), "model": state.identity, "modules": modules,
+        "format": FORMAT, "actsparse": __version__, "method": config.METHOD,
+        "config": config.to_dict(), "model": identity, "modules": modules,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "meta": meta or {},
     }
     write_safetensors(directory / "plan.safetensors", tensors, metadata={"format": FORMAT})
