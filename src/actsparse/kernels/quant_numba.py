@@ -21,7 +21,8 @@ from __future__ import annotations
 import actsparse.numba_backend  # noqa: F401  (cache directory set before numba loads)
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 from actsparse.kernels.primitives import JIT, activate, chunk, chunk_aligned, compact, store, to_f32, widen
 
@@ -30,6 +31,34 @@ __all__ = ["q_dense_gemv", "q_output_sparse_gemv", "q_output_sparse_gemv_rows", 
 
 B = 32  # quant_formats.BLOCK (a literal here so that the inner loops have a constant trip count)
 H = 16
+
+
+# ---------------------------------------------------------------------------
+# nibble unpacking (LLVM intrinsics on 32-bit lanes: numba's own integer ops widen to int64,
+# which vectorises on half-width lanes)
+# ---------------------------------------------------------------------------
+def _nibble(shift: int):
+    def gen(typingctx, v):
+        if v != types.uint8:
+            return None
+
+        def codegen(context, builder, sig, args):
+            i32 = ir.IntType(32)
+            w = builder.zext(args[0], i32)
+            if shift:
+                w = builder.lshr(w, ir.Constant(i32, shift))
+            w = builder.and_(w, ir.Constant(i32, 15))
+            return builder.uitofp(w, ir.FloatType())
+
+        return types.float32(v), codegen
+
+    return gen
+
+
+lo4 = intrinsic(_nibble(0))  # float32 of the low nibble of a uint8
+lo4.__doc__ = "float32(b & 15) of a uint8 code byte (element j of its block)."
+hi4 = intrinsic(_nibble(4))
+hi4.__doc__ = "float32(b >> 4) of a uint8 code byte (element j + 16 of its block)."
 
 
 # ---------------------------------------------------------------------------
@@ -98,10 +127,10 @@ def q4_dot4(codes, scales, mins, i0, i1, i2, i3, xf, xs):
             xl = xf[o + j]
             xh = xf[o + H + j]
             w0, w1, w2, w3 = r0[ob + j], r1[ob + j], r2[ob + j], r3[ob + j]
-            p0 += np.float32(w0 & np.uint8(15)) * xl + np.float32(w0 >> np.uint8(4)) * xh
-            p1 += np.float32(w1 & np.uint8(15)) * xl + np.float32(w1 >> np.uint8(4)) * xh
-            p2 += np.float32(w2 & np.uint8(15)) * xl + np.float32(w2 >> np.uint8(4)) * xh
-            p3 += np.float32(w3 & np.uint8(15)) * xl + np.float32(w3 >> np.uint8(4)) * xh
+            p0 += lo4(w0) * xl + hi4(w0) * xh
+            p1 += lo4(w1) * xl + hi4(w1) * xh
+            p2 += lo4(w2) * xl + hi4(w2) * xh
+            p3 += lo4(w3) * xl + hi4(w3) * xh
         sb = xs[b]
         t0 += p0 * c0[b] + m0[b] * sb
         t1 += p1 * c1[b] + m1[b] * sb
@@ -120,7 +149,7 @@ def q4_dot(codes, scales, mins, i, xf, xs):
         p = np.float32(0.0)
         for j in range(H):
             w = r[ob + j]
-            p += np.float32(w & np.uint8(15)) * xf[o + j] + np.float32(w >> np.uint8(4)) * xf[o + H + j]
+            p += lo4(w) * xf[o + j] + hi4(w) * xf[o + H + j]
         t += p * c[b] + m[b] * xs[b]
     return t
 
@@ -223,10 +252,10 @@ def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
             ob = b * H
             for j in range(H):
                 w0, w1, w2, w3 = r0[ob + j], r1[ob + j], r2[ob + j], r3[ob + j]
-                acc[o + j] += ((a0 * np.float32(w0 & np.uint8(15)) + a1 * np.float32(w1 & np.uint8(15)))
-                               + (a2 * np.float32(w2 & np.uint8(15)) + a3 * np.float32(w3 & np.uint8(15)))) + cm
-                acc[o + H + j] += ((a0 * np.float32(w0 >> np.uint8(4)) + a1 * np.float32(w1 >> np.uint8(4)))
-                                   + (a2 * np.float32(w2 >> np.uint8(4)) + a3 * np.float32(w3 >> np.uint8(4)))) + cm
+                acc[o + j] += ((a0 * lo4(w0) + a1 * lo4(w1))
+                               + (a2 * lo4(w2) + a3 * lo4(w3))) + cm
+                acc[o + H + j] += ((a0 * hi4(w0) + a1 * hi4(w1))
+                                   + (a2 * hi4(w2) + a3 * hi4(w3))) + cm
         k += 4
     while k < k1:
         i0 = idx[k]
@@ -239,8 +268,8 @@ def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
             ob = b * H
             for j in range(H):
                 w0 = r0[ob + j]
-                acc[o + j] += a0 * np.float32(w0 & np.uint8(15)) + cm
-                acc[o + H + j] += a0 * np.float32(w0 >> np.uint8(4)) + cm
+                acc[o + j] += a0 * lo4(w0) + cm
+                acc[o + H + j] += a0 * hi4(w0) + cm
         k += 1
 
 
