@@ -49,3 +49,37 @@ def test_accumulate_and_dot_use_packed_ymm_fma(wdtype):
         assert fma, f"{kernel.py_func.__name__}: no packed ymm FMA in the assembly"
         if wdtype is np.uint16:  # bf16 widening vectorised: zero-extend + shift on vectors
             assert re.search(r"vpmovzxwd[^\n]*%ymm", asm), "bf16 widening is not vectorised"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_quantised_inner_loops_use_packed_ymm_fma(fmt):
+    """The int8 / q4 row dot products and input-sparse accumulations widen the codes on vectors
+    (int8: sign-extend bytes; q4: mask/shift nibbles) and convert them with a packed int->fp32."""
+    if not _host_has_avx2_fma():
+        pytest.skip("host CPU has no AVX2+FMA")
+    from actsparse.kernels import quant_numba as Q
+
+    codes = np.zeros((8, 64), np.int8) if fmt == "int8" else np.zeros((8, 32), np.uint8)
+    scales = np.ones((8, 2), np.float32)
+    mins = np.zeros((8, 2), np.float32)
+    xf = np.ones(64, np.float32)
+    idx = np.arange(8, dtype=np.int64)
+    vals = np.ones(8, np.float32)
+    acc = np.empty(64, np.float32)
+    if fmt == "int8":
+        dot4, accum = _fresh(Q.i8_dot4), _fresh(Q.i8_accumulate_rows)
+        dot4(codes, scales, 0, 1, 2, 3, xf)
+        accum(codes, scales, idx, vals, 0, 8, acc)
+    else:
+        dot4, accum = _fresh(Q.q4_dot4), _fresh(Q.q4_accumulate_rows)
+        dot4(codes, scales, mins, 0, 1, 2, 3, xf, np.ones(2, np.float32))
+        accum(codes, scales, mins, idx, vals, 0, 8, acc)
+    for kernel in (dot4, accum):
+        asm = "\n".join(kernel.inspect_asm().values())
+        name = kernel.py_func.__name__
+        assert re.findall(r"vfmadd\w*ps[^\n]*%[yz]mm", asm), f"{name}: no packed FMA in the assembly"
+        assert re.search(r"vcvtdq2ps[^\n]*%[yz]mm", asm), f"{name}: the code -> fp32 conversion is not vectorised"
+        if fmt == "int8":
+            assert re.search(r"vpmovsxbd[^\n]*%[yz]mm", asm), f"{name}: int8 widening is not vectorised"
+        else:
+            assert re.search(r"vpmovzxbd[^\n]*%[yz]mm", asm), f"{name}: nibbles not unpacked on vectors"

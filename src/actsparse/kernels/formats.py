@@ -21,10 +21,14 @@ class WeightFormat(IntEnum):
 
     F32 = 0
     BF16 = 1
+    # block-quantised formats (codes, scales[, mins]; see kernels/quant_formats.py, which defines them)
+    INT8 = 2
+    Q4 = 3
 
 
 TORCH_DTYPE = {WeightFormat.F32: torch.float32, WeightFormat.BF16: torch.bfloat16}
-STORAGE_DTYPE = {WeightFormat.F32: np.float32, WeightFormat.BF16: np.uint16}
+STORAGE_DTYPE = {WeightFormat.F32: np.float32, WeightFormat.BF16: np.uint16,
+                 WeightFormat.INT8: np.int8, WeightFormat.Q4: np.uint8}  # quantised: the dtype of the codes
 KERNEL_DTYPES = tuple(TORCH_DTYPE.values())
 
 

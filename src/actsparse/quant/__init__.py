@@ -1,0 +1,15 @@
+"""Block-quantised weights (int8, q4) for a model, with AWQ from calibration statistics.
+
+    from actsparse.quant import Q4Config, quantize_, save_quantized, load_quantized
+    quantize_(model, Q4Config(awq=True), calibration=windows)
+
+Modules: ``config`` (Int8Config, Q4Config), ``modules`` (QuantLinear), ``awq`` (scale search
+and exact folds), ``api`` (quantize_, save / load). The formats and kernels live in
+:mod:`actsparse.kernels.quant_formats` / ``quant_numba`` / ``quant_dispatch``.
+"""
+from actsparse.quant.api import calibration_rows, load_quantized, quantize_, save_quantized
+from actsparse.quant.config import Int8Config, Q4Config, QuantConfig
+from actsparse.quant.modules import QuantLinear
+
+__all__ = ["Int8Config", "Q4Config", "QuantConfig", "QuantLinear", "quantize_", "save_quantized", "load_quantized",
+           "calibration_rows"]

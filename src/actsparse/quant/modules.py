@@ -1,0 +1,58 @@
+"""The module that replaces a quantised ``nn.Linear``: packed weights, dense-equivalent forward."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actsparse.kernels.quant_formats import INT8, QuantWeight, check_blockable, quantize_weight
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is stored packed (codes, scales[, mins] buffers; see
+    :mod:`actsparse.kernels.quant_formats`). ``forward`` is the dense forward of the dequantised
+    weight, in the input's dtype: the specification the quantised kernels are tested against.
+    :meth:`quant_weight` hands the packed weight to those kernels (decode integration)."""
+
+    def __init__(self, fmt: str, layout: str, out_features: int, in_features: int, bias: bool = False):
+        super().__init__()
+        check_blockable((out_features, in_features), layout)
+        self.fmt, self.layout = fmt, layout
+        self.out_features, self.in_features = out_features, in_features
+        empty = quantize_weight(torch.zeros(out_features, in_features), fmt, layout)
+        self.register_buffer("codes", empty.codes)
+        self.register_buffer("scales", empty.scales)
+        if fmt != INT8:
+            self.register_buffer("mins", empty.mins)
+        else:
+            self.mins = None
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, layout: str) -> "QuantLinear":
+        q = cls(fmt, layout, linear.out_features, linear.in_features, linear.bias is not None)
+        qw = quantize_weight(linear.weight.detach(), fmt, layout)
+        q.codes, q.scales = qw.codes, qw.scales
+        if qw.mins is not None:
+            q.mins = qw.mins
+        if linear.bias is not None:
+            q.bias.data = linear.bias.detach().to(torch.float32).clone()
+        return q
+
+    def quant_weight(self) -> QuantWeight:
+        return QuantWeight(self.fmt, self.layout, (self.out_features, self.in_features), self.codes, self.scales,
+                           self.mins)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised fp32 weight (out x in); computed on every access, not stored."""
+        return self.quant_weight().dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
+                f"layout={self.layout}, bias={self.bias is not None}")

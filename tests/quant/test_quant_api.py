@@ -1,0 +1,143 @@
+"""quantize_ / AWQ / save-load on a tiny random LLaMA (GQA, tied embeddings): fast and exact checks."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from actsparse.data.text import Windows
+from actsparse.errors import DataError, StateError, UnsupportedError
+from actsparse.models.sitemaps import site_map
+from actsparse.quant import Int8Config, Q4Config, QuantLinear, calibration_rows, load_quantized, quantize_, save_quantized
+from actsparse.quant.awq import search_and_fold
+
+
+def _tiny(seed=0, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm gains and outlier channels (what AWQ is for)
+        for mod in m.modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.mul_(torch.rand_like(mod.weight) * 1.5 + 0.25)
+                mod.weight[:3] *= 8
+    return m
+
+
+def _windows(n=8, length=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (n, length), generator=g)
+    return Windows(ids, torch.ones_like(ids))
+
+
+def _logits(model, w):
+    with torch.no_grad():
+        return model(input_ids=w.input_ids, attention_mask=w.attention_mask).logits
+
+
+def test_folds_are_exact_before_rounding():
+    model, win = _tiny(), _windows()
+    ref = _logits(model, win)
+    smap = site_map(model)
+    rows = calibration_rows(model, win, 128, smap)
+    layouts = {smap.module_path(i, r): "rows" for i in range(smap.num_layers) for r in smap.roles}
+    rec = search_and_fold(model, smap, rows, "q4", layouts, 20)
+    assert len(rec) == 8 and not any("skipped" in r for r in rec.values()), rec
+    assert any(r["alpha"] > 0 for r in rec.values())  # something was actually scaled
+    assert rec["model.layers.0.attn.o"]["folded_into"] == "model.layers.0.self_attn.v_proj"  # GQA-tied fold
+    torch.testing.assert_close(_logits(model, win), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_awq_never_worse_than_rtn_on_the_calibration_rows():
+    model, win = _tiny(), _windows()
+    desc = quantize_(model, Q4Config(awq=True, sample_rows=128), calibration=win)
+    for name, r in desc["awq"].items():
+        assert r["mse"] <= r["mse_rtn"] * (1 + 1e-6), name
+    assert sum(r["mse"] for r in desc["awq"].values()) < sum(r["mse_rtn"] for r in desc["awq"].values())
+
+
+def test_awq_lowers_the_layer_output_error_of_the_quantised_model():
+    """Independently of the search's own bookkeeping: fold on a copy, capture the folded model's
+    own inputs (exactly x / s), round its linears, and compare each group's output MSE against
+    the dense outputs with plain rounding of the original linears: AWQ <= RTN per group."""
+    from actsparse.quant.awq import GROUPS, input_key
+
+    dense, win = _tiny(), _windows()
+    smap = site_map(dense)
+    rows = calibration_rows(dense, win, 128, smap)
+    folded = copy.deepcopy(dense)
+    layouts = {smap.module_path(i, r): "rows" for i in range(smap.num_layers) for r in smap.roles}
+    search_and_fold(folded, smap, rows, "q4", layouts, 20)
+    rows_f = calibration_rows(folded, win, 128, smap)
+    better = 0
+    with torch.no_grad():
+        for layer in range(smap.num_layers):
+            for group, roles in GROUPS:
+                key = input_key(smap, layer, roles)
+                err = {"rtn": 0.0, "awq": 0.0}
+                for role in roles:
+                    path = smap.module_path(layer, role)
+                    y = dense.get_submodule(path)(rows[key])
+                    q_rtn = QuantLinear.from_linear(dense.get_submodule(path), "q4", "rows")
+                    q_awq = QuantLinear.from_linear(folded.get_submodule(path), "q4", "rows")
+                    # v and up also carry a later fold (their output rows / s): undo it on the output,
+                    # which the row-wise blocks make exact (a row scale only rescales its blocks' scales)
+                    yf = folded.get_submodule(path)(rows_f[key])
+                    s = (y * yf).sum(0) / yf.pow(2).sum(0)
+                    err["rtn"] += float((q_rtn(rows[key]) - y).pow(2).sum())
+                    err["awq"] += float((q_awq(rows_f[key]) * s - y).pow(2).sum())
+                assert err["awq"] <= err["rtn"] * (1 + 1e-4), (layer, group, err)
+                better += err["awq"] < err["rtn"]
+    assert better >= 4
+
+
+@pytest.mark.parametrize("cfg", [Int8Config(), Q4Config(), Q4Config(awq=True, sample_rows=64, lm_head=True),
+                                 Q4Config(transposed=("mlp.down",))], ids=["int8", "q4", "q4-awq-head", "q4-t"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, cfg):
+    model, win = _tiny(), _windows()
+    quantize_(model, cfg, calibration=win)
+    assert all(isinstance(model.get_submodule(p), QuantLinear) for p in model.__dict__["_actsparse_quant"]["linears"])
+    save_quantized(model, tmp_path)
+    desc = json.loads((tmp_path / "quant.json").read_text())
+    assert desc["version"] == 1 and desc["config"]["format"] == cfg.fmt
+    back = load_quantized(_tiny(), tmp_path)
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(_logits(model, win), _logits(back, win))
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.bin"))
+
+
+def test_load_refuses_another_model_and_requantising(tmp_path):
+    model = _tiny()
+    quantize_(model, Int8Config())
+    save_quantized(model, tmp_path)
+    with pytest.raises(DataError, match="another model"):
+        load_quantized(_tiny(seed=5), tmp_path)
+    with pytest.raises(StateError, match="already quantised"):
+        quantize_(model, Q4Config())
+    with pytest.raises(DataError, match="calibration"):
+        quantize_(_tiny(), Q4Config(awq=True))
+    with pytest.raises(StateError, match="not quantised"):
+        save_quantized(_tiny(), tmp_path / "x")
+
+
+def test_module_forward_is_the_dense_forward_of_the_dequantised_weight():
+    lin = torch.nn.Linear(64, 96, bias=True)
+    for fmt in ("int8", "q4"):
+        for layout in ("rows", "transposed"):
+            q = QuantLinear.from_linear(lin, fmt, layout)
+            x = torch.randn(5, 64)
+            torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight, lin.bias), rtol=0, atol=0)
+
+
+def test_unmapped_model_is_refused():
+    with pytest.raises(UnsupportedError, match="site map"):
+        quantize_(torch.nn.Sequential(torch.nn.Linear(64, 64)), Int8Config())
