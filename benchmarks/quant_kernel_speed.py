@@ -21,7 +21,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--flush-mb", type=int, default=64)
     ap.add_argument("--shapes", default="1536x576,49152x576")
-    ap.add_argument("--out", default="actsparse-out/quant-kernel-speed.json")
+    ap.add_argument("--out", default="actsparse-out/quant-kernel-speed.json", help="JSON output (default: %(default)s)")
     args = ap.parse_args()
     import numba
 

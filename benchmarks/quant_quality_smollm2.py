@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default: %(default)s)")
     ap.add_argument("--sample-rows", type=int, default=512, help="AWQ rows per group input (default: %(default)s)")
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--out", default="actsparse-out/quant-quality-smollm2-135m.json")
+    ap.add_argument("--out", default="actsparse-out/quant-quality-smollm2-135m.json", help="JSON output (default: %(default)s)")
     args = ap.parse_args()
     import actsparse as asp
     from actsparse.io import write_json

@@ -139,6 +139,31 @@ def _layer_of(path: str, prefix: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024
+
+
+def fixed_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold at its default (128 KiB), so that every large block is mapped
+    and returned to the system when freed.
+
+    glibc raises the threshold to the size of each freed mapped block (up to 32 MiB); after the
+    first layer is freed, the next layer's tensors and activations come from the heap, whose
+    freed space is not returned. Measured here on the 1.1B LLaMA shape: the resident set then grew
+    by about 50 MiB per layer (1.34 GiB above imports after 22 layers), against 0.38 GiB with the
+    threshold pinned. Process-wide and harmless for the rest (the same as setting
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment). Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except OSError:
+        return False
+
+
 @torch.no_grad()
 def calibrate_layerwise(model: str | Path, configs, calibration, *, batch_size: int = 4, dtype: str = "float32",
                         progress: bool = False) -> dict:
@@ -155,6 +180,7 @@ def calibrate_layerwise(model: str | Path, configs, calibration, *, batch_size: 
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     torch_dtype = _DTYPES[dtype]
+    fixed_mmap_threshold()
     directory = weights_directory(str(model))
     weights = SafetensorsWeights(directory)
     lm = skeleton(directory, torch_dtype)
