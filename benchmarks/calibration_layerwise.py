@@ -10,7 +10,8 @@ path runs in a fresh process on the same windows of the wiki calibration split:
 Methods TEAL + CHESS (CHESS adds the second pass). Reported per run: the peak resident set
 (``VmHWM`` of /proc/self/status: ``ru_maxrss`` would report the parent's peak, which
 Linux carries across ``exec``), the resident set after imports (the interpreter, torch, transformers: the
-same for both paths), and the budget "two layers + activations": 2 x one decoder layer's
+same for both paths), the resident set after a warm-up run of the same path on a 2-layer LLaMA (numba's
+kernels compiled or loaded, lazy imports done: one-time code, not calibration data), and the budget "two layers + activations": 2 x one decoder layer's
 fp32 weights + the hidden states of all windows twice (a layer's inputs and outputs) + one
 batch's largest intermediates (the MLP's 3 x intermediate and the attention scores).
 
@@ -45,6 +46,14 @@ torch.set_num_threads(threads)
 t = load_file(windows_file)
 w = Windows(t["input_ids"], t["attention_mask"])
 cfgs = [TEAL(sparsity=0.5), CHESS(sparsity=0.5)]
+cold = status_kb("VmRSS")
+# the same path once on a 2-layer model: numba's kernels compiled or loaded, lazy imports done
+tiny = Windows(w.input_ids % 1000, w.attention_mask)
+if mode == "memory":
+    calibrate(transformers.AutoModelForCausalLM.from_pretrained(sys.argv[6]).eval(), cfgs, tiny, batch_size=batch)
+else:
+    calibrate_layerwise(sys.argv[6], cfgs, tiny, batch_size=batch)
+import gc; gc.collect()
 base = status_kb("VmRSS")
 t0 = time.perf_counter()
 if mode == "memory":
@@ -56,7 +65,8 @@ else:
     stats = calibrate_layerwise(directory, cfgs, w, batch_size=batch)
 peak = status_kb("VmHWM")
 thr = {k: v.abs_quantile(0.5) for k, v in stats.items()}
-print(json.dumps({"mode": mode, "peak_kb": peak, "after_imports_kb": base, "after_load_kb": loaded,
+print(json.dumps({"mode": mode, "peak_kb": peak, "after_imports_kb": cold, "after_warmup_kb": base,
+                  "after_load_kb": loaded,
                   "seconds": time.perf_counter() - t0, "statistics": len(stats), "median_abs": thr}))
 """
 
@@ -75,6 +85,18 @@ def synthetic_dir(name: str) -> Path:
         del model
         os.replace(tmp, target)
     return target
+
+
+def tiny_llama_dir(path: Path) -> Path:
+    """A 2-layer LLaMA with random weights: the warm-up model of every child."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+                     ).eval().save_pretrained(path)
+    return path
 
 
 def budget(directory: Path, windows, batch: int) -> dict:
@@ -118,6 +140,7 @@ def main() -> int:
     rows = []
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory() as tmp:
+        warm_dir = tiny_llama_dir(Path(tmp) / "tiny")
         for name in args.models.split(","):
             directory = synthetic_dir(name) if name in SYNTHETIC else weights_directory(name)
             ids = windows.input_ids
@@ -128,19 +151,24 @@ def main() -> int:
             row = {"model": name, "directory": str(directory), **budget(directory, windows, args.batch_size)}
             for mode in ("memory", "layerwise"):
                 out = subprocess.run([sys.executable, "-c", CHILD, mode, str(directory), str(wf), str(args.threads),
-                                      str(args.batch_size)], capture_output=True, text=True, env=env)
+                                      str(args.batch_size), str(warm_dir)], capture_output=True, text=True, env=env)
                 if out.returncode:
                     raise SystemExit(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 row[mode] = res
                 above = (res["peak_kb"] - res["after_imports_kb"]) * 1024
+                warm = (res["peak_kb"] - res["after_warmup_kb"]) * 1024
                 print(f"{name} {mode}: peak {res['peak_kb'] / 2**20:.2f} GiB, {above / 2**30:.2f} GiB above imports, "
-                      f"{res['seconds']:.0f} s", flush=True)
+                      f"{warm / 2**30:.2f} GiB above the warmed-up process, {res['seconds']:.0f} s", flush=True)
             mem, lw = row["memory"], row["layerwise"]
             row["same_median_abs"] = mem.pop("median_abs") == lw.pop("median_abs")
             row["layerwise_above_imports_bytes"] = (lw["peak_kb"] - lw["after_imports_kb"]) * 1024
             row["memory_above_imports_bytes"] = (mem["peak_kb"] - mem["after_imports_kb"]) * 1024
-            row["layerwise_within_budget"] = row["layerwise_above_imports_bytes"] <= row["two_layers_plus_activations_bytes"]
+            row["layerwise_above_warmup_bytes"] = (lw["peak_kb"] - lw["after_warmup_kb"]) * 1024
+            row["memory_above_warmup_bytes"] = (mem["peak_kb"] - mem["after_warmup_kb"]) * 1024
+            # the budget bounds the calibration's data (weights, activations), so it is checked against the
+            # warmed-up process; the one-time code (numba's kernels, lazy imports) is reported beside it
+            row["layerwise_within_budget"] = row["layerwise_above_warmup_bytes"] <= row["two_layers_plus_activations_bytes"]
             rows.append(row)
     write_json(args.out, {"benchmark": "calibration-layerwise", "dtype": "float32", "methods": ["teal", "chess"],
                           "tokens": windows.tokens, "windows": len(windows), "window": args.window,
