@@ -125,3 +125,14 @@ def test_embedding_read_by_blocks_of_rows_equals_the_lookup(tiny_dir):
     ids = random_windows(n=3).input_ids
     got = SafetensorsWeights(d).embed("model.embed_tokens.weight", ids, torch.float32, rows_per_read=37)
     assert torch.equal(got, model.get_input_embeddings()(ids))
+
+
+def test_mmap_threshold_is_pinned_on_glibc():
+    """Without it, each freed layer raised glibc's threshold and the next layers stayed resident."""
+    import platform
+
+    from actsparse.sparsify.layerwise import fixed_mmap_threshold
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert fixed_mmap_threshold() is True
