@@ -55,6 +55,7 @@ SYNTHETIC = {
         vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=True)),
 }
 ENGINES = ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse")
+LLAMA_CPP = "llama-cpp"  # when llama-cpp-python is installed and the model has a GGUF file (bench/llamacpp.py)
 READ = "read-bandwidth"  # timed with the engines: GB/s of a plain read of 512 MiB (bench/bandwidth.py)
 
 
@@ -72,6 +73,17 @@ def build_synthetic(name: str, seed: int = 0):
     model = getattr(transformers, model_cls)(cfg).eval()
     _, tok = load("smollm2-135m")
     return model, tok
+
+
+def llama_gguf(name: str, dtype: str):
+    """The llama.cpp baseline's GGUF for model ``name`` in ``dtype`` (None: no GGUF file, e.g. a
+    random-weight shape or a Hugging Face directory)."""
+    from actsparse.bench.llamacpp import requantised
+    from actsparse.models.loading import EMBEDDED
+
+    if name not in EMBEDDED or name == "minilm":
+        return None
+    return requantised(name, dtype)
 
 
 def load_model(name: str, seed: int = 0):
@@ -130,8 +142,9 @@ def _summary(xs: list[float]) -> dict:
 
 
 def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: int, prompt_tokens: int,
-                repeats: int, rng: random.Random, sparsify, progress=None) -> dict:
-    """Time every engine on ``model`` (sparsified by ``sparsify()`` when needed)."""
+                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None) -> dict:
+    """Time every engine on ``model`` (sparsified by ``sparsify()`` when needed); with
+    ``llama_gguf`` (the same weights as a GGUF file) llama.cpp too."""
     from actsparse.decode import FastDecoder, accelerate_, deaccelerate_
     from actsparse.sparsify.api import desparsify_, is_sparsified
 
@@ -169,6 +182,13 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         return lambda dec=decoders[engine]: _fast_run(dec, ids, new_tokens)
 
     runners = {e: runner(e) for e in engines}
+    if llama_gguf is not None:
+        from actsparse.bench.llamacpp import LlamaCppEngine
+
+        llama = LlamaCppEngine(llama_gguf, threads, max_len)
+        llama(ids, 4)  # warm
+        runners[LLAMA_CPP] = lambda: llama(ids, new_tokens)
+        engines = list(engines) + [LLAMA_CPP]
     runners[READ] = ReadProbe(threads)  # the machine's read bandwidth, under the same conditions
     runs = interleaved(runners, repeats, rng=rng,
                        after=(lambda e: e != READ and progress.update(1)) if progress is not None else None)
@@ -181,7 +201,7 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     wb = weight_bytes(model)
     dense_b, sparse_b = bytes_per_token(wb, None), bytes_per_token(wb, skipped)
     stats = {e: _summary(v) for e, v in runs.items()}
-    dense_engines = [e for e in engines if e.endswith("dense")]
+    dense_engines = [e for e in engines if e.endswith("dense")]  # llama.cpp is compared separately below
     best_dense = max(dense_engines, key=lambda e: stats[e]["median"])
     out = {"dtype": dtype, "threads": threads, "engines": stats, "best_dense": best_dense,
            "decode_sparsity": fast_sparse.decode_sparsity(), "weight_skip": skipped, "sparse_roles": fast_sparse.sparse_roles,
@@ -192,6 +212,10 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     for e in engines:
         tps = stats[e]["median"]
         out.setdefault("effective_GBps", {})[e] = tps * (sparse_b if e.endswith("sparse") else dense_b) / 1e9
+    if LLAMA_CPP in stats:
+        out["llama_cpp"] = {"gguf": llama_gguf.name,
+                            "fast_dense_vs_llama_cpp": stats["fast-dense"]["median"] / stats[LLAMA_CPP]["median"],
+                            "fast_sparse_vs_llama_cpp": stats["fast-sparse"]["median"] / stats[LLAMA_CPP]["median"]}
     blocks = sum(wb["roles"].values())
     out["amdahl_ceiling_without_lm_head"] = blocks / (blocks - (dense_b - sparse_b))  # what the blocks alone allow
     out["read_GBps"] = read
@@ -210,9 +234,18 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
 
 def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat16", "float32"), threads=(1, 2),
         new_tokens: int = 64, prompt_tokens: int = 32, repeats: int = 5, calib_tokens: int = 1024,
-        hf_max_params: float = 3e8, seed: int = 0, progress: bool = True) -> dict:
+        hf_max_params: float = 3e8, seed: int = 0, progress: bool = True, llama_cpp: bool | None = None) -> dict:
     """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``). ``method``
-    "none": no plan, the natural sparsity of a ReLU model (its exact zeros) against dense."""
+    "none": no plan, the natural sparsity of a ReLU model (its exact zeros) against dense.
+    ``llama_cpp``: time llama.cpp on the embedded models too (None: when llama-cpp-python is
+    installed; True refuses to run without it)."""
+    from actsparse.bench import llamacpp
+
+    if llama_cpp is None:
+        llama_cpp = llamacpp.available()
+    elif llama_cpp and not llamacpp.available():
+        raise ConfigError(f"the llama.cpp baseline needs llama-cpp-python; on this kind of CPU build it with "
+                          f"{llamacpp.BUILD_HINT}")
     from actsparse.sparsify.api import calibrate, desparsify_, sparsify_
     from actsparse.sparsify.registry import make_config
 
@@ -240,10 +273,11 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
         for dt in dtypes:
             desparsify_(model)  # thresholds stay fp32; the plan is re-applied after the cast
             model.to(getattr(torch, dt))
+            gguf = llama_gguf(name, dt) if llama_cpp else None
             for th in threads:
                 g = bench_group(model, tok, dtype=dt, threads=th, engines=engines, new_tokens=new_tokens,
                                 prompt_tokens=prompt_tokens, repeats=repeats, rng=rng, sparsify=do_sparsify,
-                                progress=bar)
+                                progress=bar, llama_gguf=gguf)
                 g.update(model=name, parameters=n_params)
                 groups.append(g)
         del model, stats
@@ -255,7 +289,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
                        "dtypes": list(dtypes), "threads": list(threads), "new_tokens": new_tokens,
                        "prompt_tokens": prompt_tokens, "repeats": repeats, "calibration_tokens": calib_tokens,
                        "calibration_data": "wiki calibration split (ids modulo the vocabulary)",
-                       "hf_engines_up_to_params": hf_max_params, "seed": seed},
+                       "hf_engines_up_to_params": hf_max_params, "seed": seed, "llama_cpp": llama_cpp},
             "wall_s": time.perf_counter() - t0, "groups": groups}
 
 
@@ -326,14 +360,16 @@ def plot(result: dict, path):
 
     groups = result["groups"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-    width = 0.2
-    colors = {"hf-dense": "#bbbbbb", "hf-sparse": "#88aadd", "fast-dense": "#666666", "fast-sparse": "#2266cc"}
-    for i, e in enumerate(ENGINES):
+    colors = {"hf-dense": "#bbbbbb", "hf-sparse": "#88aadd", "fast-dense": "#666666", "fast-sparse": "#2266cc",
+              LLAMA_CPP: "#dd8844"}
+    shown = [e for e in ENGINES + (LLAMA_CPP,) if any(e in g["engines"] for g in groups)]
+    width = 0.8 / len(shown)
+    for i, e in enumerate(shown):
         xs, ys, errs = [], [], []
         for j, g in enumerate(groups):
             if e in g["engines"]:
                 s = g["engines"][e]
-                xs.append(j + (i - 1.5) * width)
+                xs.append(j + (i - (len(shown) - 1) / 2) * width)
                 ys.append(s["median"])
                 errs.append([[s["median"] - s["p10"]], [s["p90"] - s["median"]]])
         if xs:

@@ -179,6 +179,7 @@ in a random order in every repeat:
   hf-sparse    model.generate after accelerate_ (sparse kernels per linear)
   fast-dense   actsparse FastDecoder, dense (one compiled call per token)
   fast-sparse  FastDecoder on the sparsified model
+  llama-cpp    llama.cpp on the same weights (embedded models, when llama-cpp-python is installed)
 
 The plan (--method/--sparsity) is calibrated on the wiki calibration split. The
 models llama-1.1b (TinyLlama's shape) and gemma3-1b (Gemma-3-1B's shape) have random weights
@@ -210,6 +211,9 @@ Writes JSON to --out and a .png next to it.""",
     p.add_argument("--hf-max-params", type=float, default=3e8,
                    help="run the HF engines only for models up to this many parameters (default 3e8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
+                   help="time llama.cpp too on the embedded models (their own GGUF requantised to F32 / BF16): "
+                        "auto = when llama-cpp-python is installed (an optional build, see the README)")
     p.add_argument("--out", default=str(DEFAULT_OUT / "decode.json"),
                    help=f"JSON output path (default {DEFAULT_OUT / 'decode.json'}; the committed result is "
                         "regenerated only with an explicit --out benchmarks/results/decode.json)")
@@ -234,7 +238,8 @@ def _run_decode(args) -> int:
     result = bd.run(args.models, method=args.method, sparsity=args.sparsity, dtypes=args.dtypes,
                     threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                     repeats=args.repeats, calib_tokens=args.calib_tokens, hf_max_params=args.hf_max_params,
-                    seed=args.seed, progress=not args.no_progress)
+                    seed=args.seed, progress=not args.no_progress,
+                    llama_cpp={"auto": None, "on": True, "off": False}[args.llama_cpp])
     _save(result, args, bd.plot)
     print_decode_table(result)
     return 0
@@ -249,9 +254,11 @@ def print_decode_table(result) -> None:
                          for e in ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse"))
         read = g.get("read_GBps", {}).get("median")  # absent in results from before the probe
         of_read = g.get("of_read_bandwidth", {}).get("fast-dense")
+        llama = g["engines"].get("llama-cpp")
         print(f"{g['model']:>14} {g['dtype']:>8} {g['threads']:>3} {cells} {g['speedup']:>7.2f} "
               f"{g['amdahl_ceiling']:>7.2f} {g['fraction_of_ceiling']:>7.2f} "
-              f"{read if read is None else format(read, '.1f'):>9} {of_read if of_read is None else format(of_read, '.2f'):>13}")
+              f"{read if read is None else format(read, '.1f'):>9} {of_read if of_read is None else format(of_read, '.2f'):>13}"
+              + (f"  llama.cpp {llama['median']:.1f}" if llama else ""))
 
 
 # benchmarks in --help order; add new ones here

@@ -231,6 +231,19 @@ def check_window(model: nn.Module, window: int, name: str | None = None, option:
                           f"(max_position_embeddings); use {option} {limit} or less")
 
 
+def embedded_gguf(name: str) -> Path | None:
+    """The GGUF file an embedded causal LM is converted from (None for minilm, which has none)."""
+    if name not in EMBEDDED or name == "minilm":
+        return None
+    if name == "gemma3-270m":
+        return _assembled_gemma_gguf()
+    spec = EMBEDDED[name]
+    ggufs = sorted(_package_dir(spec.package, spec.install).glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"no .gguf file in the {spec.package} package; reinstall with: {spec.install}")
+    return ggufs[0]
+
+
 def _embedded_dir(name: str) -> Path:
     spec = EMBEDDED[name]
     pkg = _package_dir(spec.package, spec.install)
