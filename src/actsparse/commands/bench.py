@@ -252,7 +252,7 @@ def print_decode_table(result) -> None:
     for g in result["groups"]:
         cells = " ".join(f"{g['engines'][e]['median']:>11.1f}" if e in g["engines"] else f"{'-':>11}"
                          for e in ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse"))
-        read = g.get("read_GBps", {}).get("median")  # absent in results from before the probe
+        read = g.get("read_GBps", {}).get("best")  # absent in results from before the probe
         of_read = g.get("of_read_bandwidth", {}).get("fast-dense")
         llama = g["engines"].get("llama-cpp")
         print(f"{g['model']:>14} {g['dtype']:>8} {g['threads']:>3} {cells} {g['speedup']:>7.2f} "
