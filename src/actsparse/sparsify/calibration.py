@@ -50,6 +50,21 @@ def quantile_threshold(st: SiteStats, sparsity: float) -> float:
     return 0.0 if sparsity <= 0 else st.abs_quantile(sparsity)
 
 
+def probes_for(requests: list[Request], have: dict) -> list[Probe]:
+    """The capture probes of ``requests``; a ``scale_from`` request reads its per-channel scale,
+    E|v|, from the statistics in ``have``."""
+    probes = []
+    for r in requests:
+        scale = r.scale
+        if r.scale_from is not None:
+            src = have.get(r.scale_from)
+            if not isinstance(src, SiteStats):
+                raise KeyError(f"request {r.key} needs statistics {r.scale_from!r}")
+            scale = mean_abs(src)
+        probes.append(r.probe(scale))
+    return probes
+
+
 @torch.no_grad()
 def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: int = 4, progress: bool = False,
             have: dict | None = None, world=None, description: dict | None = None) -> dict:
@@ -79,15 +94,7 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
     for phase in (first, second):
         if not phase:
             continue
-        probes = []
-        for r in phase:
-            scale = r.scale
-            if r.scale_from is not None:
-                src = out.get(r.scale_from)
-                if not isinstance(src, SiteStats):
-                    raise KeyError(f"request {r.key} needs statistics {r.scale_from!r}")
-                scale = mean_abs(src)
-            probes.append(r.probe(scale))
+        probes = probes_for(phase, out)
         with capture(model, probes=probes, total_tokens=windows.tokens, prior_tokens=prior) as cap:
             run(model, local.batches(batch_size), progress=progress, desc="calibrate",
                 total=local.num_batches(batch_size))

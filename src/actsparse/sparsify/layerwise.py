@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 from actsparse.errors import ConfigError, ModelNotFoundError, UnsupportedError
-from actsparse.measure.accumulators import SiteStats
 from actsparse.measure.capture import capture
 from actsparse.sparsify import calibration as calib
 from actsparse.sparsify.targets import Target
@@ -219,15 +218,7 @@ def calibrate_layerwise(model: str | Path, configs, calibration, *, batch_size: 
         for phase_no, phase in enumerate(phases):
             if not phase and phase_no:
                 continue
-            probes = []
-            for r in phase:
-                scale = r.scale
-                if r.scale_from is not None:
-                    src = out.get(r.scale_from)
-                    if not isinstance(src, SiteStats):
-                        raise KeyError(f"request {r.key} needs statistics {r.scale_from!r}")
-                    scale = calib.mean_abs(src)
-                probes.append(r.probe(scale))
+            probes = calib.probes_for(phase, out)
             results = []
             with capture(lm, probes=probes, total_tokens=calibration.tokens) if probes else _nothing() as cap:
                 for b, h, (mask, pos_emb, position_ids) in zip(batches, hidden, context):
