@@ -124,8 +124,12 @@ def test_ranks_with_different_runs_fail_on_every_rank(tmp_path, flag, field):
 def test_empty_shards_fail_on_every_rank(tmp_path):
     r = torchrun([WORKER, "calibrate", tmp_path, "--windows", "3", "--batch-size", "2"], nproc=3)
     assert r.returncode != 0
-    for rank in range(3):
-        err = json.loads((tmp_path / f"rank{rank}.error.json").read_text())
+    # every rank raises on its own (the shard sizes are a function of the counts), but torchrun
+    # stops the other ranks as soon as one exits, so a loaded machine may not let all three report
+    files = [tmp_path / f"rank{rank}.error.json" for rank in range(3)]
+    reported = [json.loads(f.read_text()) for f in files if f.is_file()]
+    assert reported, r.stderr[-3000:]
+    for err in reported:
         assert err["type"] == "DataError"
         assert "2 batches for 3 ranks" in err["message"] and "3 windows in batches of 2" in err["message"]
 
