@@ -54,12 +54,18 @@ def _shape_out(y, x, n):
     return y.reshape(*x.shape[:-1], n) if x.dim() != 1 else y
 
 
-def q_dense_gemv(x, qw: QuantWeight):
-    """y = F.linear(x, dequantize(W)); qw in the rows layout."""
-    _need(qw, ROWS, "q_dense_gemv")
+def _check_features(x, qw: QuantWeight) -> tuple[int, int]:
+    """(M, K) of the weight, refusing an x whose last dimension is not K."""
     M, K = qw.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {qw.shape} expects {K}")
+    return M, K
+
+
+def q_dense_gemv(x, qw: QuantWeight):
+    """y = F.linear(x, dequantize(W)); qw in the rows layout."""
+    _need(qw, ROWS, "q_dense_gemv")
+    M, K = _check_features(x, qw)
     xn = _kernel_ok(x, K)
     if xn is None:
         return qref.q_dense_gemv_ref(x, qw)
@@ -73,9 +79,7 @@ def q_input_sparse_gemv(x, qw: QuantWeight, threshold, *, return_active: bool = 
     """y = F.linear(x * (|x| > t), dequantize(W)); qw in the transposed layout; threshold a float or
     a per-input-channel tensor. With ``return_active``: (y, active inputs)."""
     _need(qw, TRANSPOSED, "q_input_sparse_gemv")
-    M, K = qw.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight {qw.shape} expects {K}")
+    M, K = _check_features(x, qw)
     xn = _kernel_ok(x, K)
     if xn is None:
         y = qref.q_input_sparse_gemv_ref(x, qw, threshold)
@@ -92,9 +96,7 @@ def q_output_sparse_gemv(x, qw: QuantWeight, active, *, return_active: bool = Fa
     """Rows i of dequantize(W) x where active, others exactly 0; qw in the rows layout. ``active``:
     a bool mask, an integer tensor of row indices, or float values v (rows with v_i != 0, times v_i)."""
     _need(qw, ROWS, "q_output_sparse_gemv")
-    M, K = qw.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight {qw.shape} expects {K}")
+    M, K = _check_features(x, qw)
     mask, _ = ref._active_rows(active.detach(), M)  # validates shape / index range
     xn = _kernel_ok(x, K)
     if xn is None:
