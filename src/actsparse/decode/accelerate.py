@@ -41,7 +41,8 @@ class KernelLinear(MaskedLinear):
 
     def __init__(self, masked: MaskedLinear):
         super().__init__(masked.linear, masked.threshold if masked.mode == "threshold" else None,
-                         mode=masked.mode, k=masked.k, site_kind=masked.site_kind, skips=masked.skips)
+                         mode=masked.mode, k=masked.k, site_kind=masked.site_kind, skips=masked.skips,
+                         centre=masked.centre, offset=masked.offset)
         self._token_mask = masked._token_mask
         self.counting = masked.counting
         self.register_buffer("wt", in_out_weight(masked.linear), persistent=False)
@@ -49,6 +50,8 @@ class KernelLinear(MaskedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass or not _single_token(x, self.in_features):
             return super().forward(x)
+        if self.centre is not None:
+            x = x - self.centre.to(x)
         keep = self.keep_mask(x) if (self.counting or self.mode == "topk") else None
         if self.counting:
             self._count(keep)
@@ -59,6 +62,8 @@ class KernelLinear(MaskedLinear):
         y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, thr)
         if self.bias is not None:
             y = y + self.bias
+        if self.offset is not None:
+            y = y + self.offset.to(y)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

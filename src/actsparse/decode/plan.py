@@ -204,6 +204,11 @@ class DecodePlan:
             if not isinstance(lin, nn.Linear):
                 raise UnsupportedError(f"{path} is a {type(lin).__name__}; FastDecoder needs nn.Linear")
             if isinstance(mod, MaskedLinear) and not dense:
+                if mod.compensated:
+                    raise UnsupportedError(
+                        f"{path} carries compensation (a centre / offset, TEAL's centre or bias_correction); the "
+                        "FastDecoder step does not apply it yet: decode with accelerate_(model) and model.generate "
+                        "(`actsparse generate --engine hf`), or calibrate without compensation")
                 test = InputTest.of(mod)
             elif role == Role.DOWN and act_test.mode != Mode.DENSE:
                 test = InputTest.zeros()  # the masked neurons are exact zeros: skip their rows

@@ -143,7 +143,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig, stats=None, calibration=
 def _build(model: nn.Module, a: Assignment) -> nn.Module:
     original = model.get_submodule(a.path)
     if a.module == "linear":
-        return MaskedLinear(original, a.threshold, mode=a.mode, k=a.k, site_kind=a.site_kind, skips=a.skips)
+        return MaskedLinear(original, a.threshold, mode=a.mode, k=a.k, site_kind=a.site_kind, skips=a.skips,
+                            centre=a.centre, offset=a.offset)
     if a.module == "act":
         return ThresholdedActivation(original, a.width, a.threshold, mode=a.mode, k=a.k, site_kind=a.site_kind,
                                      skips=a.skips)

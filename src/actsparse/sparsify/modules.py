@@ -191,10 +191,17 @@ class MaskedLinear(SparseModule):
     its very Parameters), ``threshold`` (float, or fp32 tensor of ``in_features`` for
     per-channel thresholds; None in top-k mode), ``mode`` ("threshold" or "topk"), ``k``.
     ``bypass``: when True (see :func:`dense_forward`) the module is the dense linear.
+
+    Compensation (optional, fp32, see :mod:`actsparse.sparsify.compensation`): ``centre``
+    (``in_features``) is subtracted before the test and the product, and ``offset``
+    (``out_features``) is added after it: ``linear((x - c) * keep(x - c)) + offset``. The
+    offset holds ``W c`` (so that nothing changes while no entry is dropped) plus, with bias
+    correction, the expected product of the dropped entries.
     """
 
     def __init__(self, linear: nn.Module, threshold=None, *, mode: str = "threshold", k: int | None = None,
-                 site_kind: str | None = None, skips: tuple[str, ...] = ()):
+                 site_kind: str | None = None, skips: tuple[str, ...] = (), centre: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None):
         super().__init__()
         if not is_linear(linear):
             raise TypeError(f"MaskedLinear wraps an nn.Linear or Conv1D, got {type(linear).__name__}")
@@ -205,17 +212,38 @@ class MaskedLinear(SparseModule):
         self.bias = linear.bias
         self.in_features, self.out_features = linear_features(linear)
         self._init_sparse(self.in_features, threshold, mode, k, site_kind, skips)
+        self.centre = _compensation_vector(centre, self.in_features, "centre")
+        self.offset = _compensation_vector(offset, self.out_features, "offset")
+
+    @property
+    def compensated(self) -> bool:
+        return self.centre is not None or self.offset is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return self.linear(x)
+        if self.centre is not None:
+            x = x - self.centre.to(x)
         keep = self.keep_mask(x)
         if self.counting:
             self._count(keep)
-        return self.linear(x * keep)
+        y = self.linear(x * keep)
+        return y if self.offset is None else y + self.offset.to(y)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self._extra()}"
+        comp = "".join(f", {n}" for n in ("centre", "offset") if getattr(self, n) is not None)
+        return f"in={self.in_features}, out={self.out_features}, {self._extra()}{comp}"
+
+
+def _compensation_vector(v, width: int, name: str) -> torch.Tensor | None:
+    if v is None:
+        return None
+    t = torch.as_tensor(v).detach().to(torch.float32).reshape(-1).clone()
+    if t.numel() != width:
+        raise ConfigError(f"compensation {name} has {t.numel()} entries, expected {width}")
+    if not torch.isfinite(t).all():
+        raise ConfigError(f"compensation {name} holds non-finite values (calibration activations with NaN/inf?)")
+    return t
 
 
 class ThresholdedActivation(SparseModule):

@@ -19,7 +19,9 @@ from actsparse.errors import ConfigError
 
 FORMAT = "actsparse.plan/1"
 _TOP_KEYS = {"format", "actsparse", "method", "config", "model", "modules", "created", "meta"}
-_MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips", "width", "target"}
+_MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips", "width", "target", "centre",
+                "offset"}
+_VECTORS = ("centre", "offset")  # optional per-module compensation tensors
 _REQUIRED_MODULE_KEYS = ("path", "module")
 
 
@@ -46,8 +48,15 @@ def write_plan(path: str | Path, config, identity: dict, assignments, *, meta: d
             key = f"{a.path}.threshold"
             tensors[key] = thr.detach().to(torch.float32).cpu().contiguous()
             thr = {"tensor": key}
-        modules.append({"path": a.path, "module": a.module, "site_kind": a.site_kind, "mode": a.mode,
-                        "threshold": thr, "k": a.k, "skips": list(a.skips), "width": a.width, "target": a.target})
+        entry = {"path": a.path, "module": a.module, "site_kind": a.site_kind, "mode": a.mode,
+                 "threshold": thr, "k": a.k, "skips": list(a.skips), "width": a.width, "target": a.target}
+        for name in _VECTORS:
+            v = getattr(a, name)
+            if v is not None:
+                key = f"{a.path}.{name}"
+                tensors[key] = v.detach().to(torch.float32).cpu().contiguous()
+                entry[name] = {"tensor": key}
+        modules.append(entry)
     doc = {
         "format": FORMAT, "actsparse": __version__, "method": config.METHOD,
         "config": config.to_dict(), "model": identity, "modules": modules,
@@ -106,9 +115,18 @@ def read_plan(path: str | Path):
             if not isinstance(thr, (int, float)) or isinstance(thr, bool) or math.isnan(float(thr)):
                 raise ConfigError(f"plan threshold of {m.get('path')} is not a number: {thr!r}")
             thr = float(thr)
+        vectors = {}
+        for name in _VECTORS:
+            ref = m.get(name)
+            if ref is None:
+                continue
+            key = ref.get("tensor") if isinstance(ref, dict) else None
+            if key not in tensors:
+                raise ConfigError(f"{tf} lacks the {name} tensor {key!r} named by {jf} for {m['path']}")
+            vectors[name] = tensors[key]
         assignments.append(Assignment(m["path"], m["module"], m.get("site_kind", ""), threshold=thr,
                                       mode=m.get("mode", "threshold"), k=m.get("k"), skips=tuple(m.get("skips", ())),
-                                      width=m.get("width"), target=m.get("target")))
+                                      width=m.get("width"), target=m.get("target"), **vectors))
     return config, doc["model"], assignments, doc
 
 

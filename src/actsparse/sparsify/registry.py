@@ -105,6 +105,8 @@ class Assignment:
     skips: tuple[str, ...] = ()  # module paths whose weight rows a kernel can skip for masked entries
     width: int | None = None  # for "act": neurons
     target: float | None = None  # nominal sparsity of this site
+    centre: torch.Tensor | None = None  # "linear" with compensation: per-input centre
+    offset: torch.Tensor | None = None  # ... and per-output offset (see sparsify.compensation)
 
 
 class Handler:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from actsparse.errors import ConfigError
 from actsparse.models.sitemaps import SHARED_INPUT
 from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS, Request, quantile_threshold
@@ -32,7 +34,10 @@ class TEAL(SparsityConfig):
     ``allocation``: "uniform" or "greedy" (block-wise, parameter-weighted sparsity = ``sparsity``
     per block); ``greedy_step``: the greedy's increment of one kind's sparsity;
     ``greedy_tokens``: calibration token rows per block on which the greedy measures the block
-    error (ignored by "uniform")."""
+    error (ignored by "uniform"); ``centre`` / ``bias_correction``: the compensations of
+    :mod:`actsparse.sparsify.compensation` (median-centred inputs; the dropped entries' expected
+    product folded into an offset), fitted on ``compensation_rows`` raw calibration rows per
+    input (presets ``teal-centre``, ``teal-bias``, ``teal-centre-bias``)."""
 
     METHOD = "teal"
     VERSION = 1
@@ -42,9 +47,21 @@ class TEAL(SparsityConfig):
     greedy_step: float = 0.05
     greedy_tokens: int = 512
     overrides: tuple[tuple[str, float | None], ...] = ()
+    centre: bool = False
+    bias_correction: bool = False
+    compensation_rows: int = 1024
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("centre", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.compensated and self.allocation != "uniform":
+            raise ConfigError("centre / bias_correction are fitted per input with the uniform allocation; the greedy "
+                              "allocation measures block errors without them: use allocation='uniform'")
+        rows = self.compensation_rows
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < MIN_CALIBRATION_TOKENS:
+            raise ConfigError(f"compensation_rows must be an integer >= {MIN_CALIBRATION_TOKENS}, got {rows!r}")
         object.__setattr__(self, "kinds", tuple(self.kinds))
         bad = [k for k in self.kinds if k not in INPUT_KINDS]
         if bad:
@@ -60,7 +77,20 @@ class TEAL(SparsityConfig):
             raise ConfigError(f"greedy_tokens must be an integer >= {MIN_CALIBRATION_TOKENS}, got {self.greedy_tokens!r}")
 
 
+    @property
+    def compensated(self) -> bool:
+        return self.centre or self.bias_correction
+
+
 register_preset("teal-greedy", TEAL, allocation="greedy")
+register_preset("teal-bias", TEAL, bias_correction=True)
+register_preset("teal-centre", TEAL, centre=True)
+register_preset("teal-centre-bias", TEAL, centre=True, bias_correction=True)
+
+
+def rows_key(path: str, rows: int) -> str:
+    """Stats key of the raw calibration rows of ``path``'s input that compensation is fitted on."""
+    return f"{path}:input-rows/{rows}"
 
 
 def input_key(target, layer: int, kind: str) -> str:
@@ -75,12 +105,18 @@ class _TEALHandler(Handler):
             return [Request(f"{path}:input", path, "input") for path in _generic_paths(t)]
         t.require()
         reqs = []
+        rows = t.config.compensation_rows
         for layer in t.layers:
             for kind in t.config.kinds:
                 if t.input_source(kind) is None:
                     continue
+                if t.config.allocation == "uniform" and all(
+                        t.sparsity(t.path(layer, r), t.config.sparsity) is None for r in t.readers(kind)):
+                    continue  # every reader kept dense by an override: nothing reads this input's statistics
                 path = t.path(layer, t.input_source(kind))
                 reqs.append(Request(f"{path}:input", path, "input"))
+                if t.config.compensated:
+                    reqs.append(Request(rows_key(path, rows), path, "input", sample_rows=rows))
         if t.config.allocation == "greedy":
             from actsparse.sparsify.allocation import row_requests
 
@@ -108,8 +144,23 @@ class _TEALHandler(Handler):
                     if s is None:
                         continue
                     thr = quantile_threshold(stats[input_key(t, layer, kind)], s)
-                    out.append(Assignment(path, "linear", f"{src}:input", threshold=thr, skips=(path,), target=s))
+                    a = Assignment(path, "linear", f"{src}:input", threshold=thr, skips=(path,), target=s)
+                    if t.config.compensated:
+                        _compensate(a, t, stats[rows_key(t.path(layer, src), t.config.compensation_rows)], s)
+                    out.append(a)
         return out
+
+
+def _compensate(a: Assignment, t, rows, sparsity: float) -> None:
+    from actsparse.sparsify.compensation import fit_input
+    from actsparse.sparsify.modules import out_in_weight
+
+    cfg = t.config
+    fit = fit_input(rows, sparsity, centre=cfg.centre, bias_correction=cfg.bias_correction, threshold=a.threshold)
+    a.threshold, a.centre = fit.threshold, fit.centre
+    a.offset = fit.offset(out_in_weight(t.module(a.path)))
+    if a.offset is not None:
+        a.offset = a.offset.to(torch.float32)
 
 
 def _generic_paths(t) -> list[str]:
@@ -120,6 +171,9 @@ def _generic_paths(t) -> list[str]:
     if t.config.allocation != "uniform":
         raise ConfigError(f"{name}(allocation={t.config.allocation!r}) needs an architecture site map (the block "
                           f"and its input kinds); {type(t.model).__name__} has none: use allocation='uniform'")
+    if t.config.compensated:
+        raise ConfigError(f"{name}(centre / bias_correction) needs an architecture site map (which linears share "
+                          f"an input); {type(t.model).__name__} has none: leave them off")
     if t.config.kinds != KINDS:
         raise ConfigError(f"{name}(kinds=...) selects roles, and {type(t.model).__name__} has no site map; leave "
                           "kinds at its default and keep linears dense with overrides=[('<path glob>', None)]")
