@@ -193,8 +193,8 @@ def collect(model: nn.Module, tokenizer, docs: list[str], *, units: str = "neuro
 
     from actsparse.models.loading import check_window
 
-    check_window(model, max_tokens, option="max_tokens")
     seqs = prompt_ids(tokenizer, docs, max_tokens)
+    check_window(model, max(len(s) for s in seqs), option="a prompt of")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     params = inspect.signature(model.forward).parameters
     extra = {"use_cache": False} if "use_cache" in params else {}
@@ -244,10 +244,10 @@ class ContrastResult:
         index), as ``(layer, index)``; ``max_q`` keeps only units with ``q <= max_q``."""
         stat = self.arrays["statistic"].numpy().reshape(-1)
         p = self.arrays["p"].numpy().reshape(-1)
-        keep = np.isfinite(stat) | (stat > 0)
+        keep = stat > 0
         if max_q is not None:
             keep &= self.arrays["q"].numpy().reshape(-1) <= max_q
-        cand = np.nonzero(keep & (stat > 0))[0]
+        cand = np.nonzero(keep)[0]
         order = cand[np.lexsort((cand, p[cand], -stat[cand]))]
         if n > order.size:
             raise DataError(f"only {order.size} units are more active on A"

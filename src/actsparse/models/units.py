@@ -53,10 +53,17 @@ def check_model(model: nn.Module, expected: dict, where: str, *, check_weights: 
     weights of the same shapes, where unit indices would name other neurons."""
     if not expected:
         raise ConfigError(f"{where} records no model; it cannot be checked against this one")
-    actual = model_shape(model, expected.get("units", "neurons"), expected.get("site"))
-    diffs = [f"{k}: saved {expected.get(k)!r}, model {actual.get(k)!r}"
-             for k in ("class", "model_type", "num_layers", "widths", "shape_hash")
-             if k in expected and expected.get(k) != actual.get(k)]
+    from actsparse.models.loading import weights_identity
+
+    def differing(actual, keys):
+        return [f"{k}: saved {expected.get(k)!r}, model {actual.get(k)!r}"
+                for k in keys if k in expected and expected.get(k) != actual.get(k)]
+
+    actual = weights_identity(model)
+    diffs = differing(actual, ("class", "model_type"))  # another architecture may have no such units at all
+    if not diffs:
+        actual = model_shape(model, expected.get("units", "neurons"), expected.get("site"))
+        diffs = differing(actual, ("num_layers", "widths", "shape_hash"))
     if diffs:
         raise ConfigError(f"{where} was made for another model ({'; '.join(diffs)})")
     fe, fa = expected.get("weights_fingerprint"), actual.get("weights_fingerprint")
