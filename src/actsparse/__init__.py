@@ -34,6 +34,9 @@ _LAZY = {
     "finetune": "actsparse.experiments.finetune", "FinetuneConfig": "actsparse.train.loop",
     "accelerate_": "actsparse.decode", "deaccelerate_": "actsparse.decode", "FastDecoder": "actsparse.decode",
     "DecodePlan": "actsparse.decode",
+    "contrast": "actsparse.measure.contrast", "ContrastResult": "actsparse.measure.contrast",
+    "Intervention": "actsparse.intervention", "Switch": "actsparse.intervention", "intervene": "actsparse.intervention",
+    "intervene_": "actsparse.intervention", "unintervene_": "actsparse.intervention",
 }
 
 # method configs (TEAL, CATS, ... and any registered later) are found in actsparse.sparsify

@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "actsparse.commands.bench",
     "actsparse.commands.finetune",
     "actsparse.commands.prune",
+    "actsparse.commands.contrast",
+    "actsparse.commands.intervene",
 ]
 
 

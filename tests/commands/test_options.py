@@ -99,6 +99,8 @@ def test_default_outputs_never_go_into_benchmarks_results():
         "bench kernel": parser.parse_args(["bench", "kernel"]).out,
         "bench decode": parser.parse_args(["bench", "decode"]).out,
         "prune-experiment": parser.parse_args(["prune-experiment"]).out,
+        "contrast": parser.parse_args(["contrast", "--a", "news", "--b", "wiki"]).out,
+        "intervene": parser.parse_args(["intervene", "--contrast", "c"]).out,
     }
     assert [str(p) for p in outs["sweep"]] == ["actsparse-out/quality-smollm2-135m.json",
                                                "actsparse-out/quality-smollm2-135m.png"]
