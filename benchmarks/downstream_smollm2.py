@@ -80,8 +80,8 @@ def run(args) -> dict:
     t0 = time.time()
     stats = calibrate(model, [make_config(m, 0.5) for m in methods], cal, progress=True)
     doc["calibration_seconds"] = time.time() - t0
-    for method in methods:
-        for s in levels:
+    for s in levels:  # every method at the first level first: a partial file still compares them
+        for method in methods:
             t0 = time.time()
             config = make_config(method, s)
             sparsify_(model, config, stats=stats)
@@ -144,10 +144,12 @@ def table(doc: dict) -> str:
     head = ("| model | bytes skipped | PPL x | BLiMP | vs dense [95% CI] | "
             + " | ".join(f.replace("_", "-") for f in FIELDS) + " | cloze | vs dense [95% CI] |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    points = sorted(doc["points"], key=lambda p: (list(NAMES).index(p["method"]) if p["method"] in NAMES else 9,
+                                                  p["target"]))
     lines.append(f"| dense | 0 | 1 | {acc(dense['blimp'])} | | "
                  + " | ".join(acc(dense["blimp"]["per_field"][f]) for f in FIELDS)
                  + f" | {acc(dense['cloze'])} | |")
-    for p in doc["points"]:
+    for p in points:
         lines.append(f"| {NAMES.get(p['method'], p['method'])} {p['target']:.0%} | {p['bytes_skipped']:.2f} | "
                      f"{p['ppl_ratio']:.2f} | {acc(p['blimp'])} | {diff(p['difference']['blimp'])} | "
                      + " | ".join(acc(p["blimp"]["per_field"][f]) for f in FIELDS)
@@ -156,7 +158,7 @@ def table(doc: dict) -> str:
     lines.append("")
     lines.append(f"BLiMP: {dense['blimp']['items']} pairs ({doc['protocol']['blimp']['pairs_per_paradigm']} per "
                  f"paradigm; per field " + ", ".join(f"{f.replace('_', '-')} {n[f]}" for f in FIELDS)
-                 + f"); cloze: {dense['cloze']['items']} passages. {doc['target']['note'] if 'target' in doc else ''}")
+                 + f"); cloze: {dense['cloze']['items']} passages. {assess(doc)['note']}")
     return "\n".join(lines)
 
 
@@ -168,7 +170,7 @@ def main() -> int:
     ap.add_argument("--cloze-passages", type=int, default=60, help="cloze passages (default: %(default)s)")
     ap.add_argument("--cloze-context-words", type=int, default=48, help="default: %(default)s")
     ap.add_argument("--methods", default="teal,cats,chess", help="default: %(default)s")
-    ap.add_argument("--sparsity", default="0.3,0.4,0.5", help="default: %(default)s")
+    ap.add_argument("--sparsity", default="0.4,0.3,0.5", help="levels, in the order they run (default: %(default)s)")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="default: %(default)s")
     ap.add_argument("--calib-window", type=int, default=1024, help="default: %(default)s")
     ap.add_argument("--ppl-tokens", type=int, default=1024,
