@@ -34,6 +34,7 @@ _LAZY = {
     "finetune": "actsparse.experiments.finetune", "FinetuneConfig": "actsparse.train.loop",
     "accelerate_": "actsparse.decode", "deaccelerate_": "actsparse.decode", "FastDecoder": "actsparse.decode",
     "DecodePlan": "actsparse.decode",
+    "moefy": "actsparse.moe", "MoEPlan": "actsparse.moe", "apply_moe_": "actsparse.moe", "remove_moe_": "actsparse.moe",
 }
 
 # method configs (TEAL, CATS, ... and any registered later) are found in actsparse.sparsify

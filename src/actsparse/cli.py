@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "actsparse.commands.bench",
     "actsparse.commands.finetune",
     "actsparse.commands.prune",
+    "actsparse.commands.moefy",
 ]
 
 
