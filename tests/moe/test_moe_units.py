@@ -119,6 +119,10 @@ def test_expert_mlp_matches_masked_dense_and_the_hand_masked_original(experts, s
             for e in chosen[t].tolist():
                 keep[t, perm[e * size:(e + 1) * size]] = 1
         torch.testing.assert_close(ref.reshape(-1, hidden), mlp.down_proj(h * keep), atol=1e-5, rtol=1e-5)
+        moe.routing = "oracle"  # the top-k experts by true |h| mass
+        mass = h.abs()[:, perm].reshape(flat.shape[0], experts, size).sum(-1)
+        assert torch.equal(torch.sort(moe.route(flat), 1).values, torch.sort(mass.topk(top_k, 1).indices, 1).values)
+        torch.testing.assert_close(moe(x), moe.masked_dense(x), atol=1e-5, rtol=1e-5)
         if top_k == experts:  # every expert: the dense MLP
             torch.testing.assert_close(out, mlp(x), atol=1e-5, rtol=1e-5)
 

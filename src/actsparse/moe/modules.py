@@ -42,7 +42,11 @@ class ExpertMLP(nn.Module):
     """A gated MLP split into ``experts`` contiguous experts, ``top_k`` of them computed per token.
 
     Built from the original MLP (kept as ``.original``, unchanged, for the undo), the
-    permutation (new position -> old neuron) and the router's (experts, hidden) weight and bias."""
+    permutation (new position -> old neuron) and the router's (experts, hidden) weight and bias.
+    ``routing = "oracle"`` (analysis only: it computes every neuron to choose) picks each token's
+    top-k experts by their true activation mass instead of the router's scores."""
+
+    ROUTINGS = ("router", "oracle")
 
     def __init__(self, mlp: nn.Module, perm: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor,
                  top_k: int):
@@ -72,10 +76,18 @@ class ExpertMLP(nn.Module):
             self.router.bias.copy_(router_bias)
         self.router.to(device=device, dtype=dtype)
         self.router.requires_grad_(False)
+        self.routing = "router"
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, top_k) indices of the chosen experts for (rows, hidden) inputs."""
-        return self.router(x).topk(self.top_k, dim=-1).indices
+        if self.routing not in self.ROUTINGS:
+            raise ConfigError(f"routing must be one of {', '.join(self.ROUTINGS)}, got {self.routing!r}")
+        if self.routing == "oracle":
+            h = self.act_fn(self._lin(x, self.gate, self.gate_bias)) * self._lin(x, self.up, self.up_bias)
+            scores = h.abs().reshape(x.shape[0], self.experts, self.expert_size).sum(-1)
+        else:
+            scores = self.router(x)
+        return scores.topk(self.top_k, dim=-1).indices
 
     def _lin(self, x, w, b):
         return nn.functional.linear(x, w, b)
