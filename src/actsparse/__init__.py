@@ -37,6 +37,7 @@ _LAZY = {
     "contrast": "actsparse.measure.contrast", "ContrastResult": "actsparse.measure.contrast",
     "Intervention": "actsparse.intervention", "Switch": "actsparse.intervention", "intervene": "actsparse.intervention",
     "intervene_": "actsparse.intervention", "unintervene_": "actsparse.intervention",
+    "moefy": "actsparse.moe", "MoEPlan": "actsparse.moe", "apply_moe_": "actsparse.moe", "remove_moe_": "actsparse.moe",
 }
 
 # method configs (TEAL, CATS, ... and any registered later) are found in actsparse.sparsify

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "actsparse.commands.prune",
     "actsparse.commands.contrast",
     "actsparse.commands.intervene",
+    "actsparse.commands.moefy",
 ]
 
 
