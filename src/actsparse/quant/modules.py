@@ -8,6 +8,14 @@ from torch import nn
 from actsparse.kernels.quant_formats import INT8, QuantWeight, check_blockable, quantize_weight
 
 
+STATE_ATTR = "_actsparse_quant"  # the quantised model's description (quantize_ / load_quantized set it)
+
+
+def quant_description(model: nn.Module) -> dict | None:
+    """The description of a quantised model (config, the dense model's identity, linears), or None."""
+    return model.__dict__.get(STATE_ATTR)
+
+
 class QuantLinear(nn.Module):
     """A Linear whose weight is stored packed (codes, scales[, mins] buffers; see
     :mod:`actsparse.kernels.quant_formats`). ``forward`` is the dense forward of the dequantised
