@@ -132,7 +132,9 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=N
             raise DataError(f"the calibration rows lack {len(missing)} group inputs (e.g. {missing[0]}); "
                             "build them with calibration_rows(model, windows, sample_rows)")
         records = search_and_fold(model, smap, rows, config.fmt, targets, config.alpha_grid)
-    for path, layout in targets.items():
+    from tqdm.auto import tqdm
+
+    for path, layout in tqdm(targets.items(), desc=f"quantise {config.fmt}", unit="linear", disable=not progress):
         q = QuantLinear.from_linear(model.get_submodule(path), config.fmt, layout)
         swap_module(model, path, q, owner=OWNER)
     desc = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config.to_dict(), "model": identity,
