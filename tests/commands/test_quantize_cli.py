@@ -14,6 +14,7 @@ def teal_plan(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # calibrate + quantise + save + load + decode the real model: ~2 min on 2 cores
 def test_quantize_for_a_plan_then_generate_from_the_saved_weights(teal_plan, tmp_path, capsys):
     out = tmp_path / "q4"
     assert main(["quantize", "--format", "q4", "--plan", str(teal_plan), "--out", str(out), "--no-progress"]) == 0
@@ -34,6 +35,7 @@ def test_quantize_for_a_plan_then_generate_from_the_saved_weights(teal_plan, tmp
     assert "fast engine" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_refuses_a_plan_for_another_model(teal_plan, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
