@@ -18,8 +18,8 @@ import torch
 
 import actsparse as asp
 from actsparse.decode import FastDecoder
-from actsparse.errors import ConfigError, UnsupportedError
-from actsparse.quant import Int8Config, Q4Config, quantize_
+from actsparse.errors import ConfigError, StateError, UnsupportedError
+from actsparse.quant import Int8Config, Q4Config, load_quantized, quantize_, save_quantized
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_fast_decoder import install, reference_logits, tiny_llama  # noqa: E402
@@ -120,7 +120,7 @@ def test_shared_buffers_and_lm_head():
     assert mem["resident_weight_bytes"] == mem["model_weight_bytes"] and mem["resident_ratio"] <= 1.05
 
 
-def test_refusals_name_the_problem():
+def test_refusals_name_the_problem(tmp_path):
     rows = tiny_llama(**SHAPE)
     quantize_(rows, Q4Config())  # every linear in the rows layout
     with pytest.raises(ConfigError, match="already quantised"):
@@ -128,10 +128,19 @@ def test_refusals_name_the_problem():
     install(rows, "channel_mask", np.random.default_rng(1))
     with pytest.raises(UnsupportedError, match="transposed layout"):
         FastDecoder(rows)  # a TEAL plan on rows-packed linears: refused, not decoded densely
+    with pytest.raises(UnsupportedError, match="accelerate_ has no kernels for quantised"):
+        asp.accelerate_(rows)
     with pytest.raises(ConfigError, match="int8, q4"):
         FastDecoder(tiny_llama(**SHAPE), weights="q3")
     with pytest.raises(ConfigError, match="AWQ"):
         FastDecoder(tiny_llama(**SHAPE), weights=Q4Config(awq=True))
+    saved = tiny_llama(**SHAPE)
+    quantize_(saved, Q4Config())
+    save_quantized(saved, tmp_path / "q4")
+    planned = tiny_llama(**SHAPE)
+    install(planned, "scalar", np.random.default_rng(1))
+    with pytest.raises(StateError, match="weights into the dense model first"):
+        load_quantized(planned, tmp_path / "q4")  # would drop the plan's modules
 
 
 def test_real_smollm2_q4_with_a_teal_plan_stored_once(tmp_path):

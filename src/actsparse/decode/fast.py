@@ -19,6 +19,12 @@ prefills densely instead (TEAL's decode protocol: a dense prompt, sparse new tok
 skips its exact zeros (``skip_zeros``, on by default: the result is the same, only faster).
 Top-k sites keep the entries above the (k+1)-th largest |x|: with exact ties at that boundary
 all tied entries are dropped (torch.topk would keep an arbitrary subset).
+
+Quantised weights: a model whose block linears are QuantLinears is decoded on their own
+packed buffers (no copy; input-sparse linears must be packed transposed: ``quantize_(model,
+cfg, plan=...)``); ``weights="int8" | "q4"`` (or an Int8Config / Q4Config) makes the decoder
+quantise its own RTN copy of a dense model, each linear in the layout its mode reads, and run
+the prompt through the compiled step.
 """
 from __future__ import annotations
 
@@ -68,7 +74,8 @@ class FastDecoder:
     ``max_len``: prompt + new tokens (the KV cache is allocated once). ``dense``: ignore
     sparse modules. ``skip_zeros``: for a ReLU MLP without an activation threshold, read
     only the rows of up/down whose activation is non-zero (default: on for ReLU).
-    ``prefill``: "plan" (the prompt as the plan computes it) or "dense".
+    ``prefill``: "plan" (the prompt as the plan computes it) or "dense". ``weights``: None (the
+    model's own: fp or QuantLinears), or "int8" / "q4" / a QuantConfig (the decoder's own copy).
     The model is not modified; keep it alive while the decoder is used (dense linears share
     its weight memory).
     """

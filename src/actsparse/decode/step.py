@@ -18,10 +18,13 @@ zeros) keeps neuron i iff ``|act(g_i)|`` passes its test; then only the kept row
 
 Per-layer arrays come in numba typed lists (index ``layer * 7 + role``) so the dispatch
 cost does not grow with the number of layers. The hidden state and all activations are
-fp32; weights are stored as :mod:`actsparse.kernels.formats` says (the fp32 and bf16
-formats are told apart by the arrays' storage dtype when the step is compiled; ``fmt``
-records each linear's format for formats that need a run-time branch). Attention runs over
-an fp32 KV cache.
+fp32; a weight is a plain array (fp32, or bf16 bits: :mod:`actsparse.kernels.formats`) or a
+packed int8 / q4 tuple ``(codes, scales, mins)`` (:mod:`actsparse.kernels.quant_formats`); the
+GEMV helpers of :mod:`actsparse.kernels.weight_ops` pick the kernel from the weight's type when
+the step is compiled, so one code path serves every format (``fmt`` records each linear's
+format code). A quantised linear is stored once: by rows (dense, kept rows of up) or
+transposed (input-sparse; a dense linear stored only transposed reads every input of ``wt``).
+Attention runs over an fp32 KV cache.
 """
 from __future__ import annotations
 

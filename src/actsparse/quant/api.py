@@ -193,6 +193,11 @@ def load_quantized(model: nn.Module, in_dir) -> nn.Module:
                         f"{FILE_VERSION} (re-quantise with this version)")
     if STATE_ATTR in model.__dict__ or has(model, OWNER):
         raise StateError("the model is already quantised; pass the dense model")
+    from actsparse.sparsify.modules import iter_sparse_modules
+
+    if next(iter_sparse_modules(model), None) is not None:
+        raise StateError("the model carries a sparsity plan; load the quantised weights into the dense model first, "
+                         "then the plan (load_plan checks it against the model the weights were quantised from)")
     ident = weights_identity(model)
     if ident != desc["model"]:
         diff = [k for k in ident if ident.get(k) != desc["model"].get(k)]
