@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "actsparse.commands.eval",
     "actsparse.commands.sweep",
     "actsparse.commands.pplp",
+    "actsparse.commands.quantize",
     "actsparse.commands.generate",
     "actsparse.commands.bench",
     "actsparse.commands.finetune",

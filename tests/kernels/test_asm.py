@@ -67,14 +67,15 @@ def test_quantised_inner_loops_use_packed_ymm_fma(fmt):
     vals = np.ones(8, np.float32)
     acc = np.empty(64, np.float32)
     if fmt == "int8":
-        dot4, accum = _fresh(Q.i8_dot4), _fresh(Q.i8_accumulate_rows)
-        dot4(codes, scales, 0, 1, 2, 3, xf)
+        dot, accum = _fresh(Q.i8_dot), _fresh(Q.i8_accumulate_rows)
+        dot(codes, scales, 0, xf)
         accum(codes, scales, idx, vals, 0, 8, acc)
     else:
-        dot4, accum = _fresh(Q.q4_dot4), _fresh(Q.q4_accumulate_rows)
-        dot4(codes, scales, mins, 0, 1, 2, 3, xf, np.ones(2, np.float32))
+        dot, accum = _fresh(Q.q4_dot), _fresh(Q.q4_accumulate_rows)
+        dot(codes, scales, mins, 0, xf, np.ones(2, np.float32))
         accum(codes, scales, mins, idx, vals, 0, 8, acc)
-    for kernel in (dot4, accum):
+    # the one-row dot product: what qdot_rows and the decoder's dense GEMV run
+    for kernel in (dot, accum):
         asm = "\n".join(kernel.inspect_asm().values())
         name = kernel.py_func.__name__
         assert re.findall(r"vfmadd\w*ps[^\n]*%[yz]mm", asm), f"{name}: no packed FMA in the assembly"

@@ -5,7 +5,11 @@ Engines, timed in a random order in every repeat (same prompt, greedy, fixed len
 * ``hf-dense``     Hugging Face ``model.generate`` on the dense model;
 * ``hf-sparse``    ``model.generate`` after :func:`accelerate_` (kernels per linear);
 * ``fast-dense``   :class:`FastDecoder` with ``dense=True`` (one compiled call per token);
-* ``fast-sparse``  :class:`FastDecoder` on the sparsified model.
+* ``fast-sparse``  :class:`FastDecoder` on the sparsified model;
+* ``fast-dense-<f>`` / ``fast-sparse-<f>`` for each quantised format ``f`` of ``weights``
+  (int8, q4): the same two decoders on their own RTN-quantised copy of the block linears
+  (``FastDecoder(weights=f)``: dense rows-packed, sparse with the input-sparse linears packed
+  transposed), their bytes per token the format's real bytes (codes + scales + mins).
 
 Decode throughput counts the tokens after the first (the prefill makes the first one).
 Weights stream from DRAM on every token (the smallest case, SmolLM2 in bf16, reads
@@ -56,6 +60,12 @@ SYNTHETIC = {
         vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=True)),
 }
 ENGINES = ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse")
+QUANT_WEIGHTS = ("int8", "q4")
+FP_WEIGHTS = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def quant_engines(fmt: str) -> tuple[str, str]:
+    return f"fast-dense-{fmt}", f"fast-sparse-{fmt}"
 LLAMA_CPP = "llama-cpp"  # when llama-cpp-python is installed and the model has a GGUF file (bench/llamacpp.py)
 READ = "read-bandwidth"  # timed with the engines: GB/s of a plain read of 512 MiB (bench/bandwidth.py)
 
@@ -143,9 +153,10 @@ def _summary(xs: list[float]) -> dict:
 
 
 def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: int, prompt_tokens: int,
-                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None) -> dict:
+                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None, quant=()) -> dict:
     """Time every engine on ``model`` (sparsified by ``sparsify()`` when needed); with
-    ``llama_gguf`` (the same weights as a GGUF file) llama.cpp too."""
+    ``llama_gguf`` (the same weights as a GGUF file) llama.cpp too; with ``quant`` (int8, q4)
+    the fast engines on each quantised format too."""
     from actsparse.decode import FastDecoder, accelerate_, deaccelerate_
     from actsparse.sparsify.api import desparsify_, is_sparsified
 
@@ -160,6 +171,10 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     fast_sparse = FastDecoder(model, max_len=max_len)
     fast_dense = FastDecoder(model, max_len=max_len, dense=True)
     decoders = {"fast-dense": fast_dense, "fast-sparse": fast_sparse}
+    for fmt in quant:
+        qd, qs = quant_engines(fmt)
+        decoders[qd] = FastDecoder(model, max_len=max_len, dense=True, weights=fmt)
+        decoders[qs] = FastDecoder(model, max_len=max_len, weights=fmt)
     for d in decoders.values():  # compile / warm up
         d.generate(ids, 4)
     state = {"hf": None}
@@ -182,7 +197,7 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
             return lambda: (hf_mode(engine), _hf_run(model, ids, new_tokens))[1]
         return lambda dec=decoders[engine]: _fast_run(dec, ids, new_tokens)
 
-    runners = {e: runner(e) for e in engines}
+    runners = {e: runner(e) for e in list(engines) + [e for f in quant for e in quant_engines(f)]}
     if llama_gguf is not None:
         from actsparse.bench.llamacpp import LlamaCppEngine
 
@@ -229,19 +244,59 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         out.update(speedup=speedup, amdahl_ceiling=ceiling, fraction_of_ceiling=speedup / ceiling)
     if "hf-sparse" in stats and "hf-dense" in stats:
         out["hf_speedup"] = stats["hf-sparse"]["median"] / stats["hf-dense"]["median"]
+    out["quantized"] = {fmt: _quant_summary(fmt, decoders, stats, read["best"]) for fmt in quant}
     del decoders, fast_sparse, fast_dense
     gc.collect()
     return out
 
 
+def _quant_summary(fmt: str, decoders: dict, stats: dict, read_best: float) -> dict:
+    """tokens/s, bytes per token (the format's real bytes) and speedup of one quantised format."""
+    qd, qs = quant_engines(fmt)
+    wb = decoders[qs].plan.weight_bytes()
+    dense_b = bytes_per_token(decoders[qd].plan.weight_bytes(), None)
+    sparse_b = bytes_per_token(wb, decoders[qs].weight_skip())
+    d, s = stats[qd]["median"], stats[qs]["median"]
+    return {"engines": {qd: stats[qd], qs: stats[qs]}, "speedup": s / d, "amdahl_ceiling": dense_b / sparse_b,
+            "fraction_of_ceiling": (s / d) / (dense_b / sparse_b),
+            "bytes_per_token": {"dense": dense_b, "sparse": sparse_b, "lm_head": wb["lm_head"],
+                                "block_linears": sum(wb["roles"].values())},
+            "effective_GBps": {qd: d * dense_b / 1e9, qs: s * sparse_b / 1e9},
+            "of_read_bandwidth": {qd: d * dense_b / 1e9 / read_best, qs: s * sparse_b / 1e9 / read_best},
+            "decode_sparsity": decoders[qs].decode_sparsity(), "memory": decoders[qs].memory_report(),
+            "note": "each decoder quantises its own copy (RTN): the dense one in the rows layout, the sparse one "
+                    "with its input-sparse linears transposed (other blocks, so slightly other values)"}
+
+
+def parse_weights(weights, dtypes) -> tuple[str, ...]:
+    """The quantised formats of ``--weights`` (bf16 / fp32 name the --dtypes engines, which always run)."""
+    quant = []
+    for w in weights:
+        if w in FP_WEIGHTS:
+            if FP_WEIGHTS[w] not in dtypes:
+                raise ConfigError(f"--weights {w} is the {FP_WEIGHTS[w]} model's own weights: add {FP_WEIGHTS[w]} "
+                                  "to --dtypes")
+        elif w in QUANT_WEIGHTS:
+            quant.append(w)
+        else:
+            raise ConfigError(f"unknown weight format {w!r}; choose from {', '.join(list(FP_WEIGHTS) + list(QUANT_WEIGHTS))}")
+    return tuple(dict.fromkeys(quant))
+
+
 def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat16", "float32"), threads=(1, 2),
         new_tokens: int = 64, prompt_tokens: int = 32, repeats: int = 5, calib_tokens: int = 1024,
-        hf_max_params: float = 3e8, seed: int = 0, progress: bool = True, llama_cpp: bool | None = None) -> dict:
+        hf_max_params: float = 3e8, seed: int = 0, progress: bool = True, llama_cpp: bool | None = None,
+        weights=()) -> dict:
     """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``). ``method``
     "none": no plan, the natural sparsity of a ReLU model (its exact zeros) against dense.
     ``llama_cpp``: time llama.cpp on the embedded models too (None: when llama-cpp-python is
-    installed; True refuses to run without it)."""
+    installed; True refuses to run without it). ``weights``: formats (bf16, fp32 name the dtypes'
+    own engines; int8, q4 add the fast engines on each quantised format, in the same runs)."""
     from actsparse.bench import llamacpp
+
+    quant = parse_weights(weights, dtypes)
+    if quant and method == "none":
+        raise ConfigError("--weights int8/q4 compare dense and sparse decoders on a plan; give --method")
 
     if llama_cpp is None:
         llama_cpp = llamacpp.available()
@@ -270,7 +325,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
                 sparsify_(model, config, stats=stats)
 
         if bar is None and progress:
-            total = len(models) * len(dtypes) * len(threads) * repeats * len(ENGINES)
+            total = len(models) * len(dtypes) * len(threads) * repeats * (len(ENGINES) + 2 * len(quant))
             bar = tqdm(total=total, desc="decode runs", unit="run")
         for dt in dtypes:
             desparsify_(model)  # thresholds stay fp32; the plan is re-applied after the cast
@@ -279,7 +334,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
             for th in threads:
                 g = bench_group(model, tok, dtype=dt, threads=th, engines=engines, new_tokens=new_tokens,
                                 prompt_tokens=prompt_tokens, repeats=repeats, rng=rng, sparsify=do_sparsify,
-                                progress=bar, llama_gguf=gguf)
+                                progress=bar, llama_gguf=gguf, quant=quant)
                 g.update(model=name, parameters=n_params)
                 groups.append(g)
         del model, stats
@@ -291,7 +346,8 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
                        "dtypes": list(dtypes), "threads": list(threads), "new_tokens": new_tokens,
                        "prompt_tokens": prompt_tokens, "repeats": repeats, "calibration_tokens": calib_tokens,
                        "calibration_data": "wiki calibration split (ids modulo the vocabulary)",
-                       "hf_engines_up_to_params": hf_max_params, "seed": seed, "llama_cpp": llama_cpp},
+                       "hf_engines_up_to_params": hf_max_params, "seed": seed, "llama_cpp": llama_cpp,
+                       "quantized_weights": list(quant)},
             "wall_s": time.perf_counter() - t0, "groups": groups}
 
 
@@ -364,7 +420,10 @@ def plot(result: dict, path):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     colors = {"hf-dense": "#bbbbbb", "hf-sparse": "#88aadd", "fast-dense": "#666666", "fast-sparse": "#2266cc",
               LLAMA_CPP: "#dd8844"}
-    shown = [e for e in ENGINES + (LLAMA_CPP,) if any(e in g["engines"] for g in groups)]
+    quant = tuple(e for f in QUANT_WEIGHTS for e in quant_engines(f))
+    colors.update({"fast-dense-int8": "#99bb99", "fast-sparse-int8": "#339933", "fast-dense-q4": "#cc99cc",
+                   "fast-sparse-q4": "#993399"})
+    shown = [e for e in ENGINES + (LLAMA_CPP,) + quant if any(e in g["engines"] for g in groups)]
     width = 0.8 / len(shown)
     for i, e in enumerate(shown):
         xs, ys, errs = [], [], []

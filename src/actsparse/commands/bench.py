@@ -180,6 +180,9 @@ in a random order in every repeat:
   fast-dense   actsparse FastDecoder, dense (one compiled call per token)
   fast-sparse  FastDecoder on the sparsified model
   llama-cpp    llama.cpp on the same weights (embedded models, when llama-cpp-python is installed)
+  fast-dense-F / fast-sparse-F  with --weights int8 / q4: FastDecoder dense and sparse on its own
+               RTN-quantised copy in format F (sparse: input-sparse linears packed transposed),
+               bytes per token the format's real bytes (codes + scales + mins)
 
 The plan (--method/--sparsity) is calibrated on the wiki calibration split. The
 models llama-1.1b (TinyLlama's shape) and gemma3-1b (Gemma-3-1B's shape) have random weights
@@ -210,6 +213,10 @@ Writes JSON to --out and a .png next to it.""",
                    help="calibration tokens for the plan (default 1024)")
     p.add_argument("--hf-max-params", type=float, default=3e8,
                    help="run the HF engines only for models up to this many parameters (default 3e8)")
+    p.add_argument("--weights", type=_csv(str), default=[], metavar="W[,W]",
+                   help="weight formats: bf16 / fp32 (the --dtypes engines, always run), int8, q4 (add the fast "
+                        "engines on each quantised format, same runs). Example: --dtypes bfloat16 --weights "
+                        "bf16,int8,q4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                    help="time llama.cpp too on the embedded models (their own GGUF requantised to F32 / BF16): "
@@ -234,12 +241,13 @@ def _run_decode(args) -> int:
         raise ConfigError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.new_tokens < 3 or args.prompt_tokens < 1 or args.repeats < 1:
         raise ConfigError("--new-tokens must be >= 3, --prompt-tokens and --repeats >= 1")
+    bd.parse_weights(args.weights, args.dtypes)  # refused before any work
     _check_outputs(args)
     result = bd.run(args.models, method=args.method, sparsity=args.sparsity, dtypes=args.dtypes,
                     threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                     repeats=args.repeats, calib_tokens=args.calib_tokens, hf_max_params=args.hf_max_params,
                     seed=args.seed, progress=not args.no_progress,
-                    llama_cpp={"auto": None, "on": True, "off": False}[args.llama_cpp])
+                    llama_cpp={"auto": None, "on": True, "off": False}[args.llama_cpp], weights=args.weights)
     _save(result, args, bd.plot)
     print_decode_table(result)
     return 0
@@ -259,6 +267,10 @@ def print_decode_table(result) -> None:
               f"{g['amdahl_ceiling']:>7.2f} {g['fraction_of_ceiling']:>7.2f} "
               f"{read if read is None else format(read, '.1f'):>9} {of_read if of_read is None else format(of_read, '.2f'):>13}"
               + (f"  llama.cpp {llama['median']:.1f}" if llama else ""))
+        for fmt, q in g.get("quantized", {}).items():
+            dense, sparse = (q["engines"][e]["median"] for e in q["engines"])
+            print(f"{'':>14} {fmt:>8} {g['threads']:>3} {'':>11} {'':>11} {dense:>11.1f} {sparse:>11.1f} "
+                  f"{q['speedup']:>7.2f} {q['amdahl_ceiling']:>7.2f} {q['fraction_of_ceiling']:>7.2f}")
 
 
 # benchmarks in --help order; add new ones here

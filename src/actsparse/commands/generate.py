@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from actsparse.commands.common import (add_model_options, add_plan_options, load_causal_lm, load_plan_from_args,
                                        positive_int, setup)
@@ -31,6 +32,14 @@ def register(sub) -> None:
     p.add_argument("--dense", action="store_true",
                    help="ignore the plan's sparsity, prefill included (the dense baseline; the plan is still "
                         "checked against the model)")
+    p.add_argument("--weights", choices=["int8", "q4"], default=None,
+                   help="fast engine: decode with block-quantised weights the decoder packs itself (RTN, each "
+                        "linear in the layout the plan reads; the dense model stays in memory too). Default: the "
+                        "model's own weights (--dtype)")
+    p.add_argument("--quantized", type=Path, default=None, metavar="DIR",
+                   help="load the quantised weights saved by `actsparse quantize` into --model (the model they "
+                        "were made from); with --plan, quantise with that plan (--plan there) so that every "
+                        "linear is stored once in the layout it is read in")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     p.set_defaults(func=run)
 
@@ -69,6 +78,19 @@ def run(args) -> int:
     model, tok = load_causal_lm(args, "`actsparse generate`")
     if args.engine == "fast":
         check_fast_engine(model, args.model)
+    if (args.weights or args.quantized) and args.engine == "hf":
+        raise UnsupportedError("--weights / --quantized run on the fast engine (FastDecoder); accelerate_ has no "
+                               "quantised kernels yet: drop --engine hf")
+    if args.quantized is not None:
+        from actsparse.quant import load_quantized
+        from actsparse.quant.modules import quant_description
+
+        load_quantized(model, args.quantized)
+        fmt = quant_description(model)["config"]["format"]
+        if args.weights is not None and args.weights != fmt:
+            raise ConfigError(f"--weights {args.weights} but {args.quantized} holds {fmt} weights; drop --weights "
+                              "(a quantised model decodes in its own format) or quantise again")
+        args.weights = None  # the model's QuantLinears are the decoder's weights
     if args.plan is not None:
         load_plan_from_args(model, args)  # checked against the model even with --dense
         if args.dense and args.engine == "hf":
@@ -94,7 +116,8 @@ def run(args) -> int:
     if args.engine == "fast":
         from actsparse.decode import FastDecoder
 
-        dec = FastDecoder(model, max_len=ids.numel() + args.max_new_tokens + 1, dense=args.dense)
+        dec = FastDecoder(model, max_len=ids.numel() + args.max_new_tokens + 1, dense=args.dense,
+                          weights=args.weights)
         res = dec.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            eos_token_id=eos, seed=args.seed, on_token=stream)
         tokens, tps, prefill = res.tokens, res.tokens_per_s, res.prefill_s
@@ -103,8 +126,10 @@ def run(args) -> int:
             sp = dec.decode_sparsity()
             extra = "; inputs skipped during decode: " + ", ".join(
                 f"{k} {v:.0%}" for k, v in sp.items() if v > 0)
-            mem = dec.memory_report()
-            extra += f"; transposed copies {mem['transposed_copy_bytes'] / 2**20:.0f} MiB"
+        mem = dec.memory_report()
+        extra += (f"; weights {mem['weights']}, resident {mem['resident_weight_bytes'] / 2**20:.0f} MiB "
+                  f"({mem['resident_ratio']:.2f}x the model stored once in {mem['weights']}; copies "
+                  f"{mem['transposed_copy_bytes'] / 2**20:.0f} MiB)")
     else:
         if args.plan is not None and not args.dense:
             print(f"\n[{asp.accelerate_(model)}]", file=sys.stderr)

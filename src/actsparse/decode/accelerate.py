@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from actsparse.errors import StateError
+from actsparse.errors import StateError, UnsupportedError
 from actsparse.kernels import sparse_input_gemv
 from actsparse.models import swap
 from actsparse.models.sitemaps import site_map
+from actsparse.quant.modules import QuantLinear
 from actsparse.sparsify.modules import (MaskedLinear, ThresholdedActivation, in_out_weight, is_linear,
                                         iter_sparse_modules, linear_features)
 
@@ -117,6 +118,10 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
     sparse = list(iter_sparse_modules(model))
     if not sparse:
         raise StateError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise UnsupportedError("accelerate_ has no kernels for quantised (int8 / q4) linears yet; decode a quantised "
+                               "model with FastDecoder (actsparse generate --engine fast), or model.generate without "
+                               "accelerate_ (the masked dense forward of the dequantised weights)")
     smap = site_map(model, warn=False)
     copy_bytes = n_kernel = n_zero = 0
     for path, m in sparse:

@@ -19,6 +19,12 @@ prefills densely instead (TEAL's decode protocol: a dense prompt, sparse new tok
 skips its exact zeros (``skip_zeros``, on by default: the result is the same, only faster).
 Top-k sites keep the entries above the (k+1)-th largest |x|: with exact ties at that boundary
 all tied entries are dropped (torch.topk would keep an arbitrary subset).
+
+Quantised weights: a model whose block linears are QuantLinears is decoded on their own
+packed buffers (no copy; input-sparse linears must be packed transposed: ``quantize_(model,
+cfg, plan=...)``); ``weights="int8" | "q4"`` (or an Int8Config / Q4Config) makes the decoder
+quantise its own RTN copy of a dense model, each linear in the layout its mode reads, and run
+the prompt through the compiled step.
 """
 from __future__ import annotations
 
@@ -31,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.decode.codes import ROLE_NAMES
-from actsparse.decode.plan import DecodePlan
+from actsparse.decode.codes import ROLE_NAMES, Mode
+from actsparse.decode.plan import DecodePlan, unique_bytes
 from actsparse.errors import ConfigError, StateError, UnsupportedError
 from actsparse.kernels.dispatch import numba_enabled
 from actsparse.numba_backend import kernel_threads
@@ -68,13 +74,14 @@ class FastDecoder:
     ``max_len``: prompt + new tokens (the KV cache is allocated once). ``dense``: ignore
     sparse modules. ``skip_zeros``: for a ReLU MLP without an activation threshold, read
     only the rows of up/down whose activation is non-zero (default: on for ReLU).
-    ``prefill``: "plan" (the prompt as the plan computes it) or "dense".
+    ``prefill``: "plan" (the prompt as the plan computes it) or "dense". ``weights``: None (the
+    model's own: fp or QuantLinears), or "int8" / "q4" / a QuantConfig (the decoder's own copy).
     The model is not modified; keep it alive while the decoder is used (dense linears share
     its weight memory).
     """
 
     def __init__(self, model: nn.Module, *, max_len: int = 1024, dense: bool = False, skip_zeros: bool | None = None,
-                 prefill: str = "plan"):
+                 prefill: str = "plan", weights=None):
         from actsparse.decode import step
         from actsparse.decode.codes import KVCache
 
@@ -86,7 +93,7 @@ class FastDecoder:
         self.max_len = int(max_len)
         if self.max_len < 2:
             raise ConfigError("max_len must be at least 2")
-        self.plan = DecodePlan.from_model(model, dense=dense, skip_zeros=skip_zeros)
+        self.plan = DecodePlan.from_model(model, dense=dense, skip_zeros=skip_zeros, weights=weights)
         self.model = model
         self.dtype = model.get_input_embeddings().weight.dtype
         self.dense = dense
@@ -96,7 +103,12 @@ class FastDecoder:
         shape = (p.num_layers, p.n_kv, self.max_len, p.head_dim)
         self._kv = KVCache(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
         self._h = np.empty(p.hidden, np.float32)
-        self.vocab = self._args.emb.lm_head.shape[0]
+        head = self._args.emb.lm_head
+        self.vocab = (head[1] if isinstance(head, tuple) else head).shape[0]  # a packed head: its scales' rows
+        # the decoder's own quantised copy: the model's forward computes other weights, so the
+        # prompt runs through the compiled step (a dense prefill: the same step with every test dense)
+        self.own_weights = p.own_quant is not None
+        self._dense_args = self._args._replace(tests=_all_dense(self._args.tests), act=_all_dense(self._args.act))
         self._logits = np.empty(self.vocab, np.float32)
         self.counts = np.zeros((p.num_layers, len(ROLE_NAMES) + 1), np.int64)
         self.steps = 0
@@ -171,6 +183,8 @@ class FastDecoder:
             raise ConfigError(f"the prompt has {n} tokens; max_len is {self.max_len}")
         self.reset()
         dense = self.dense or self.prefill_mode == "dense"
+        if self.own_weights:
+            return self._prefill_steps(ids, self._dense_args if dense else self._args)
         if not use_model or not (dense or self.plan.model_matches()):
             if dense:
                 raise StateError("a dense prefill needs the model's forward (use_model=True)")
@@ -188,6 +202,19 @@ class FastDecoder:
             self._kv.v[li, :, :n] = v[0].float().numpy()
         self.pos = n
         return out.logits[0, -1].float().numpy()
+
+    def _prefill_steps(self, ids: torch.Tensor, args) -> np.ndarray:
+        """The prompt token by token through the compiled step with ``args``; counters reset after."""
+        saved = self._args
+        self._args = args  # same types: the compiled entry point is shared
+        try:
+            for t in ids.tolist():
+                logits = self.step(t)
+        finally:
+            self._args = saved
+        self.counts[:] = 0
+        self.steps = 0
+        return logits
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id: int | None = None, seed: int = 0, on_token=None,
@@ -219,11 +246,18 @@ class FastDecoder:
         return res
 
     def memory_report(self) -> dict:
-        """Bytes of the model's weights and of the transposed copies the decoder added."""
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Weight bytes resident while decoding: the model's (parameters and buffers, shared
+        storage once) and the copies the decoder added (transposed fp copies for input-sparse
+        linears, or its own quantised weights), against the model stored once in the decoded
+        format (``format_weight_bytes``; ``resident_ratio`` <= 1.05 is the one-copy target)."""
+        weights = unique_bytes(list(self.model.parameters()) + list(self.model.buffers()))
+        resident = weights + self.copy_bytes
+        fmt_bytes = self.plan.format_weight_bytes()
         cache = self._kv.k.nbytes + self._kv.v.nbytes
-        return {"model_weight_bytes": weights, "transposed_copy_bytes": self.copy_bytes,
-                "copy_overhead": self.copy_bytes / weights if weights else math.nan, "kv_cache_bytes": cache}
+        return {"weights": self.plan.weights, "model_weight_bytes": weights, "transposed_copy_bytes": self.copy_bytes,
+                "copy_overhead": self.copy_bytes / weights if weights else math.nan,
+                "resident_weight_bytes": resident, "format_weight_bytes": fmt_bytes,
+                "resident_ratio": resident / fmt_bytes if fmt_bytes else math.nan, "kv_cache_bytes": cache}
 
 
 def one_sequence(input_ids) -> torch.Tensor:
@@ -235,6 +269,12 @@ def one_sequence(input_ids) -> torch.Tensor:
         raise ConfigError(f"FastDecoder decodes one sequence at a time (batch 1); got input_ids of shape "
                           f"{tuple(ids.shape)}. For a batch, use accelerate_(model) and model.generate")
     return ids
+
+
+def _all_dense(tests):
+    """The same tests (Tests or ActTests) with every mode DENSE (a FUSED linear stays FUSED)."""
+    mode = np.where(tests.mode == int(Mode.FUSED), tests.mode, int(Mode.DENSE)).astype(np.int64)
+    return tests._replace(mode=mode)
 
 
 def _cache_layer(cache, i):

@@ -36,8 +36,10 @@ from actsparse.decode.accelerate import ZeroSkipLinear
 from actsparse.decode.codes import FUSED_GROUPS, ROLE_NAMES, SITE_ROLE, Mode, Role
 from actsparse.errors import ConfigError, UnsupportedError
 from actsparse.kernels.formats import WeightFormat, empty_weights, numpy_view, weight_format
+from actsparse.kernels.quant_formats import FORMAT_CODES, FORMATS, ROWS, TRANSPOSED, QuantWeight, quantize_weight
 from actsparse.kernels.reference import ACT_CODES
 from actsparse.models.sitemaps import SiteMap, site_map
+from actsparse.quant.modules import QuantLinear
 from actsparse.sparsify.modules import MaskedLinear, ThresholdedActivation, activation_name, iter_sparse_modules
 
 # model types whose decoder the compiled step implements
@@ -83,7 +85,7 @@ class InputTest:
 class LinearPlan:
     role: Role
     path: str
-    linear: nn.Module  # the model's own nn.Linear (its weight memory is read for dense rows)
+    linear: nn.Module  # the model's own nn.Linear or QuantLinear (its weight memory is read, not copied)
     test: InputTest
     mode: Mode = Mode.DENSE
     group: tuple[Role, ...] = ()  # roles computed in this linear's GEMV (itself first)
@@ -94,9 +96,26 @@ class LinearPlan:
         return self.mode in (Mode.THRESHOLD, Mode.TOPK)
 
     @property
+    def quantized(self) -> bool:
+        return isinstance(self.linear, QuantLinear)
+
+    @property
     def weight(self) -> torch.Tensor:
+        """The fp weight (a QuantLinear's is dequantised on every access)."""
         w = self.linear.weight.detach()
         return w if self.rows is None else w[self.rows]
+
+    def packed(self) -> QuantWeight:
+        """A QuantLinear's packed weight (this role's rows of a fused projection: row views)."""
+        qw = self.linear.quant_weight()
+        if self.rows is None:
+            return qw
+        if qw.layout != ROWS:
+            raise UnsupportedError(f"{self.path}: a fused projection quantised in the {qw.layout} layout cannot be "
+                                   "split into its roles without a copy; quantise it in the rows layout")
+        r = self.rows
+        return QuantWeight(qw.fmt, ROWS, (r.stop - r.start, qw.shape[1]), qw.codes[r], qw.scales[r],
+                           None if qw.mins is None else qw.mins[r])
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -105,7 +124,7 @@ class LinearPlan:
 
     @property
     def in_features(self) -> int:
-        return self.linear.weight.shape[1]
+        return self.linear.in_features
 
 
 @dataclass
@@ -147,14 +166,22 @@ class DecodePlan:
     scale: float
     dense: bool
     sparse_modules: dict = field(default_factory=dict)  # path -> the sparse module the plan was read from
+    # the block linears' format as decoded: "fp32" / "bf16" (the model's), "int8" / "q4" (the model's
+    # QuantLinears, or the decoder's own copy when ``own_quant``)
+    weights: str = ""
+    own_quant: object = None  # the QuantConfig the decoder quantises its own copy with (None: the model's weights)
 
     # -------------------------------------------------------------- building
     @classmethod
-    def from_model(cls, model: nn.Module, *, dense: bool = False, skip_zeros: bool | None = None) -> "DecodePlan":
+    def from_model(cls, model: nn.Module, *, dense: bool = False, skip_zeros: bool | None = None,
+                   weights=None) -> "DecodePlan":
         """The plan of ``model``: its sparse modules decide (``dense=True`` ignores them: the
         dense baseline); ``skip_zeros`` (default: on for a ReLU MLP) reads only the rows of up
-        and down whose activation is non-zero."""
+        and down whose activation is non-zero. ``weights``: None (the model's own weights: fp, or
+        its QuantLinears), or "int8" / "q4" / an Int8Config / Q4Config: the decoder quantises its
+        own copy of the block linears (RTN; each in the layout its mode reads)."""
         cfg, fmt = check_model(model)
+        own = _own_quant_config(weights)
         smap = site_map(model, warn=False)
         n_heads = cfg.num_attention_heads
         n_kv = cfg.num_key_value_heads or n_heads
@@ -179,8 +206,17 @@ class DecodePlan:
         scales = {float(getattr(a, "scaling", head_dim ** -0.5)) for a in attn}
         if len(scales) != 1:
             raise UnsupportedError(f"attention scales differ between layers ({sorted(scales)}); FastDecoder uses one")
+        quant = _block_quant_format(layers, model, own)
+        for layer in layers:
+            if quant is None:  # fusing concatenates transposed copies: the fp path only (quantised: one copy)
+                _fuse(layer.linears, Role.Q)
+                if layer.act.mode == Mode.DENSE:
+                    _fuse(layer.linears, Role.GATE)
+            elif own is None:
+                _check_layouts(layer)
         return cls(model, smap, fmt, act_name, layers, arch, n_heads, n_kv, head_dim, cfg.hidden_size,
-                   scales.pop(), dense, {} if dense else dict(iter_sparse_modules(model)))
+                   scales.pop(), dense, {} if dense else dict(iter_sparse_modules(model)),
+                   weights=quant or fmt.name.lower(), own_quant=own)
 
     @staticmethod
     def _layer(model, smap: SiteMap, li: int, act, attn, cfg, arch: Architecture, sizes: dict, dense: bool,
@@ -201,8 +237,8 @@ class DecodePlan:
             path = smap.module_path(li, site_role)
             mod = model.get_submodule(path)
             lin = mod.linear if isinstance(mod, (MaskedLinear, ZeroSkipLinear)) else mod
-            if not isinstance(lin, nn.Linear):
-                raise UnsupportedError(f"{path} is a {type(lin).__name__}; FastDecoder needs nn.Linear")
+            if not isinstance(lin, (nn.Linear, QuantLinear)):
+                raise UnsupportedError(f"{path} is a {type(lin).__name__}; FastDecoder needs nn.Linear or QuantLinear")
             if isinstance(mod, MaskedLinear) and not dense:
                 if mod.compensated:
                     raise UnsupportedError(
@@ -215,9 +251,6 @@ class DecodePlan:
             else:
                 test = InputTest()
             linears[role] = LinearPlan(role, path, lin, test, test.mode, (role,), rows)
-        _fuse(linears, Role.Q)
-        if act_test.mode == Mode.DENSE:
-            _fuse(linears, Role.GATE)
         norms = {r: _gain(model.get_submodule(smap.module_path(li, r)), arch.norm_offset) for r in smap.norms}
         window = _window(attn, cfg)
         layer_type = (getattr(cfg, "layer_types", None) or [""] * smap.num_layers)[li]
@@ -249,9 +282,47 @@ class DecodePlan:
         return out
 
     def weight_bytes(self) -> dict:
-        """Bytes read per decoded token by part: block linears per role, and the lm_head."""
-        per_role = {n: sum(_nbytes(l.linears[r].weight) for l in self.layers) for r, n in zip(Role, ROLE_NAMES)}
-        return {"roles": per_role, "lm_head": _nbytes(self.model.get_output_embeddings().weight)}
+        """Bytes read per decoded token by part (in the format decoded: codes + scales + mins for
+        quantised weights): block linears per role, and the lm_head."""
+        per_role = {n: sum(self._linear_bytes(l.linears[r]) for l in self.layers) for r, n in zip(Role, ROLE_NAMES)}
+        return {"roles": per_role, "lm_head": self._head_bytes()}
+
+    def _linear_bytes(self, lp: LinearPlan) -> int:
+        if lp.quantized:
+            return lp.packed().nbytes
+        if self.own_quant is not None:
+            return quant_nbytes(tuple(lp.weight.shape), self.own_quant.fmt)
+        return _nbytes(lp.weight)
+
+    def _head_bytes(self) -> int:
+        head = self.model.get_output_embeddings()
+        if isinstance(head, QuantLinear):
+            return head.quant_weight().nbytes
+        if self.own_quant is not None and self.own_quant.lm_head:
+            return quant_nbytes(tuple(head.weight.shape), self.own_quant.fmt)
+        return _nbytes(head.weight)
+
+    def format_weight_bytes(self) -> int:
+        """The model's weights stored once in the decoded format: every block linear (and a
+        quantised lm_head) in its format, every other tensor as the model holds it. The
+        reference of the one-copy target (resident weights within 5% of this)."""
+        model = self.model
+        total = unique_bytes(list(model.parameters()) + list(model.buffers()))
+        linears = [l.linears[r].linear for l in self.layers for r in Role]
+        total -= unique_bytes([t for m in linears for t in _weight_tensors(m)])
+        total += sum(self.weight_bytes()["roles"].values())
+        if self.quantized_head:
+            head = model.get_output_embeddings()
+            tied = not isinstance(head, QuantLinear) and _same_storage(head.weight, model.get_input_embeddings().weight)
+            if not tied:  # an untied head is replaced by its quantised form; a tied one stays the embedding
+                total -= unique_bytes(_weight_tensors(head))
+            total += self._head_bytes()
+        return total
+
+    @property
+    def quantized_head(self) -> bool:
+        head = self.model.get_output_embeddings()
+        return isinstance(head, QuantLinear) or (self.own_quant is not None and self.own_quant.lm_head)
 
     def model_matches(self) -> bool:
         """True while the model's sparse modules are the very ones this plan was read from (so
@@ -268,11 +339,13 @@ class DecodePlan:
         copy_bytes = 0
         w, wt, bias, thr = List(), List(), List(), List()
         L = self.num_layers
-        fmts = np.full((L, len(Role)), int(self.fmt), np.int64)
+        quant = self.weights in FORMATS
+        fmts = np.full((L, len(Role)), FORMAT_CODES[self.weights] if quant else int(self.fmt), np.int64)
         modes = self.modes()
         strides = np.zeros((L, len(Role)), np.int64)
         ks = np.zeros((L, len(Role)), np.int64)
-        empty_w, empty_f = empty_weights(self.fmt), np.empty(0, np.float32)
+        empty_w = _empty_packed(self.weights) if quant else empty_weights(self.fmt)
+        empty_f = np.empty(0, np.float32)
         for li, layer in enumerate(self.layers):
             for role in Role:
                 lp = layer.linears[role]
@@ -285,6 +358,16 @@ class DecodePlan:
                     bias.append(empty_f)
                     continue
                 members = [layer.linears[g] for g in lp.group]
+                bias.append(_bias(members))
+                if quant:  # one stored copy, in the layout its mode reads (rows: dense / kept rows)
+                    qw = self._packed_for(lp)
+                    keep.append(qw)
+                    if self.own_quant is not None:
+                        copy_bytes += qw.nbytes
+                    arrays = qw.numpy()
+                    w.append(arrays if qw.layout == ROWS else empty_w)
+                    wt.append(arrays if qw.layout == TRANSPOSED else empty_w)
+                    continue
                 if lp.mode == Mode.DENSE:
                     weight = lp.weight
                     if not weight.is_contiguous():
@@ -298,7 +381,6 @@ class DecodePlan:
                     copy_bytes += _nbytes(t)
                     w.append(numpy_view(lp.weight) if role == Role.UP else empty_w)  # up rows of kept neurons
                     wt.append(numpy_view(t))
-                bias.append(_bias(members))
         a_thr = List()
         for layer in self.layers:
             a_thr.append(layer.act.threshold)
@@ -309,7 +391,8 @@ class DecodePlan:
                                                           "norm.q", "norm.k")),
                         self._final_norm(), float(self.arch.eps))
         emb = self.model.get_input_embeddings().weight.detach()
-        head = self.model.get_output_embeddings().weight.detach()
+        head, head_copy = self._head_arrays()
+        copy_bytes += head_copy
         keep += [emb, head]
         cos, sin = self._rope(max_len)
         args = K.StepArgs(
@@ -320,10 +403,32 @@ class DecodePlan:
                                   np.float32(self.arch.attn_softcap),
                                   np.array([l.window for l in self.layers], np.int64)),
             rope=K.Rope(cos, sin, np.array([l.rope_table for l in self.layers], np.int64)),
-            emb=K.Embeddings(numpy_view(emb), numpy_view(head), np.float32(self.arch.embed_scale),
+            emb=K.Embeddings(numpy_view(emb), head.numpy() if isinstance(head, QuantWeight) else numpy_view(head),
+                             np.float32(self.arch.embed_scale),
                              np.float32(self.arch.final_softcap)),
         )
         return args, keep, copy_bytes
+
+    def _packed_for(self, lp: LinearPlan) -> QuantWeight:
+        """The quantised weight a linear is decoded with: the model's QuantLinear (shared, no
+        copy), or the decoder's own RTN copy in the layout its mode reads."""
+        if lp.quantized:
+            return lp.packed()
+        return quantize_weight(lp.weight, self.own_quant.fmt, TRANSPOSED if lp.sparse else ROWS)
+
+    def _head_arrays(self):
+        """(the lm_head's weight as decoded: a tensor or a QuantWeight, bytes of a copy made)."""
+        head = self.model.get_output_embeddings()
+        if isinstance(head, QuantLinear):
+            qw = head.quant_weight()
+            if qw.layout != ROWS:
+                raise UnsupportedError(f"the lm_head is quantised in the {qw.layout} layout; the decoder reads it "
+                                       "densely (rows layout): quantise it with lm_head=True (rows)")
+            return qw, 0
+        if self.own_quant is not None and self.own_quant.lm_head:
+            qw = quantize_weight(head.weight.detach(), self.own_quant.fmt, ROWS)
+            return qw, qw.nbytes
+        return head.weight.detach(), 0
 
     def _norm_table(self, role: str) -> np.ndarray:
         """(layers, width) gains of one norm role; (0, 0) when the architecture has none."""
@@ -462,7 +567,8 @@ def _window(attn: nn.Module, cfg) -> int:
 
 
 def _down_width(model, smap: SiteMap, layer: int) -> int:
-    return model.get_submodule(smap.module_path(layer, "mlp.down")).weight.shape[-1]
+    m = model.get_submodule(smap.module_path(layer, "mlp.down"))
+    return m.in_features if hasattr(m, "in_features") else m.weight.shape[-1]
 
 
 def _fuse(linears: dict[Role, LinearPlan], first: Role) -> None:
@@ -478,6 +584,93 @@ def _fuse(linears: dict[Role, LinearPlan], first: Role) -> None:
         head.group = group
         for r in group[1:]:
             linears[r].mode = Mode.FUSED
+
+
+def _own_quant_config(weights):
+    """The QuantConfig of ``FastDecoder(weights=...)`` (None: decode the model's own weights)."""
+    from actsparse.quant.config import CONFIGS, QuantConfig
+
+    if weights is None or weights == "model":
+        return None
+    if isinstance(weights, str):
+        if weights not in CONFIGS:
+            raise ConfigError(f"weights must be one of {', '.join(FORMATS)} or an Int8Config / Q4Config, got "
+                              f"{weights!r} (fp32 / bf16 weights are the model's own: load it with that dtype)")
+        return CONFIGS[weights]()
+    if not isinstance(weights, QuantConfig):
+        raise ConfigError(f"weights must be one of {', '.join(FORMATS)} or an Int8Config / Q4Config, got "
+                          f"{type(weights).__name__}")
+    if weights.awq:
+        raise ConfigError("the decoder quantises its own copy by plain rounding; for AWQ quantise the model with "
+                          "quantize_(model, Q4Config(awq=True), calibration=...) and pass it without weights=")
+    if weights.transposed:
+        raise ConfigError("the decoder picks each linear's layout from its plan; leave the config's transposed "
+                          "empty here")
+    return weights
+
+
+def _block_quant_format(layers: list[LayerPlan], model, own) -> str | None:
+    """The quantised format of the block linears (None: fp), refusing a mix the step cannot hold."""
+    lps = [l.linears[r] for l in layers for r in Role]
+    fmts = {lp.linear.fmt for lp in lps if lp.quantized}
+    n_quant = sum(lp.quantized for lp in lps)
+    if n_quant and own is not None:
+        raise ConfigError(f"the model's linears are already quantised ({', '.join(sorted(fmts))}); pass the model "
+                          "without weights= (the decoder reads its QuantLinears), or the dense model to quantise")
+    if n_quant and n_quant != len(lps):
+        dense = next(lp.path for lp in lps if not lp.quantized)
+        raise UnsupportedError(f"{n_quant} of {len(lps)} block linears are quantised ({dense} is not); FastDecoder "
+                               "decodes all block linears in one format: quantise all of them (quantize_)")
+    if len(fmts) > 1:
+        raise UnsupportedError(f"the block linears mix the formats {sorted(fmts)}; quantise them in one format")
+    if not n_quant and own is not None:
+        return own.fmt
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear) and head.fmt not in fmts:
+        raise UnsupportedError(f"the lm_head is quantised ({head.fmt}) but the block linears are "
+                               f"{', '.join(sorted(fmts)) or 'not'}; quantise them in the head's format")
+    return fmts.pop() if fmts else None
+
+
+def _check_layouts(layer: LayerPlan) -> None:
+    """An input-sparse linear needs the transposed layout (one quantised copy, no repacking)."""
+    for lp in layer.linears.values():
+        if lp.sparse and lp.linear.layout != TRANSPOSED:
+            raise UnsupportedError(
+                f"{lp.path} is quantised in the {lp.linear.layout} layout, but the plan reads its input sparsely, "
+                "which needs the transposed layout; quantise the model for this plan: quantize_(model, config, "
+                "plan=PLAN_DIR) (CLI: actsparse quantize --plan PLAN_DIR), or pass the dense model with "
+                "FastDecoder(model, weights=...)")
+
+
+def _empty_packed(fmt: str) -> tuple:
+    codes = np.empty((0, 0), np.int8 if fmt == "int8" else np.uint8)
+    return codes, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+
+
+def quant_nbytes(shape, fmt: str) -> int:
+    """Bytes of an (out, in) weight packed in ``fmt`` (codes + scales [+ mins]), either layout."""
+    n = int(shape[0]) * int(shape[1])
+    blocks = n // 32
+    return (n if fmt == "int8" else n // 2) + blocks * 4 * (1 if fmt == "int8" else 2)
+
+
+def _weight_tensors(m: nn.Module) -> list:
+    return list(m.buffers(recurse=False)) if isinstance(m, QuantLinear) else [m.weight]
+
+
+def unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if t.numel() and key not in seen:
+            seen.add(key)
+            total += _nbytes(t)
+    return total
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _bias(members: list[LinearPlan]) -> np.ndarray:

@@ -18,10 +18,13 @@ zeros) keeps neuron i iff ``|act(g_i)|`` passes its test; then only the kept row
 
 Per-layer arrays come in numba typed lists (index ``layer * 7 + role``) so the dispatch
 cost does not grow with the number of layers. The hidden state and all activations are
-fp32; weights are stored as :mod:`actsparse.kernels.formats` says (the fp32 and bf16
-formats are told apart by the arrays' storage dtype when the step is compiled; ``fmt``
-records each linear's format for formats that need a run-time branch). Attention runs over
-an fp32 KV cache.
+fp32; a weight is a plain array (fp32, or bf16 bits: :mod:`actsparse.kernels.formats`) or a
+packed int8 / q4 tuple ``(codes, scales, mins)`` (:mod:`actsparse.kernels.quant_formats`); the
+GEMV helpers of :mod:`actsparse.kernels.weight_ops` pick the kernel from the weight's type when
+the step is compiled, so one code path serves every format (``fmt`` records each linear's
+format code). A quantised linear is stored once: by rows (dense, kept rows of up) or
+transposed (input-sparse; a dense linear stored only transposed reads every input of ``wt``).
+Attention runs over an fp32 KV cache.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ import numpy as np
 from numba import njit, prange
 
 from actsparse.decode.codes import Mode, Role
-from actsparse.kernels.primitives import (JIT, accumulate_rows, activate, chunk, compact, dot_range, dot_rows,
-                                          sparse_rows_matvec, to_f32)
+from actsparse.kernels.primitives import JIT, activate, compact, to_f32
+from actsparse.kernels.weight_ops import (accumulate, accumulate_parallel, dense_range, dense_rows_parallel, m_bytes,
+                                          m_cols, m_row_bytes, m_rows, rows_dot, rows_dot_parallel)
 
 _DENSE, _TOPK, _FUSED = int(Mode.DENSE), int(Mode.TOPK), int(Mode.FUSED)
 _NR = len(Role)
@@ -57,22 +61,14 @@ def _topk_threshold(x, k):
     return np.partition(a, n - k - 1)[n - k - 1]
 
 
-@njit(parallel=True, **JIT)
-def _dense_rows_parallel(xf, w, out, nthreads):
-    M = w.shape[0]
-    for t in prange(nthreads):
-        i0, i1 = chunk(t, nthreads, M)
-        dot_range(w, i0, i1, xf, out)
-
-
 @njit(**JIT)
 def _dense_rows(xf, w, out, nthreads):
     """out = w @ xf on the normal (out x in) layout, rows split over threads. With one
     thread no parallel region is entered (each costs microseconds, hundreds per token)."""
-    if nthreads == 1 or w.size * w.itemsize < PARALLEL_MIN_BYTES:
-        dot_range(w, 0, w.shape[0], xf, out)
+    if nthreads == 1 or m_bytes(w) < PARALLEL_MIN_BYTES:
+        dense_range(w, 0, m_rows(w), xf, out)
     else:
-        _dense_rows_parallel(xf, w, out, nthreads)
+        dense_rows_parallel(xf, w, out, nthreads)
 
 
 @njit(inline="always", **JIT)
@@ -87,17 +83,25 @@ def _select(x, mode, thr, ts, k, idx, vals):
 
 @njit(**JIT)
 def _linear(x, mode, w, wt, thr, ts, k, bias, out, idx, vals, nthreads):
-    """out = linear(x) under ``mode``; returns the number of active inputs."""
+    """out = linear(x) under ``mode``; returns the number of active inputs. A dense linear
+    stored only transposed (one quantised copy in the input-sparse layout) reads every input
+    of ``wt``."""
     K = x.shape[0]
-    if mode == _DENSE:
+    if mode == _DENSE and m_rows(w) > 0:
         _dense_rows(x, w, out, nthreads)
         n = K
     else:
-        n = _select(x, mode, thr, ts, k, idx, vals)
-        if nthreads == 1 or n * wt.shape[1] * wt.itemsize < PARALLEL_MIN_BYTES:
-            accumulate_rows(wt, idx, vals, 0, n, out)
+        if mode == _DENSE:
+            for i in range(K):
+                idx[i] = i
+                vals[i] = x[i]
+            n = K
         else:
-            sparse_rows_matvec(wt, idx, vals, n, out, nthreads)
+            n = _select(x, mode, thr, ts, k, idx, vals)
+        if nthreads == 1 or n * m_row_bytes(wt) < PARALLEL_MIN_BYTES:
+            accumulate(wt, idx, vals, 0, n, out)
+        else:
+            accumulate_parallel(wt, idx, vals, n, out, nthreads)
     if bias.shape[0] > 0:
         for j in range(out.shape[0]):
             out[j] += bias[j]
@@ -178,19 +182,12 @@ def _attention_head(q, k_cache, v_cache, t0, T, h, n_rep, hd, scale, softcap, ou
 def _kept_up(xf, w_up, idx, vals, n, nthreads):
     """vals[k] *= w_up[idx[k]] . xf for k < n."""
     u = np.empty(n, np.float32)
-    if nthreads == 1 or n * w_up.shape[1] * w_up.itemsize < PARALLEL_MIN_BYTES:
-        dot_rows(w_up, idx, 0, n, xf, u)
+    if nthreads == 1 or n * m_row_bytes(w_up) < PARALLEL_MIN_BYTES:
+        rows_dot(w_up, idx, 0, n, xf, u)
     else:
-        _rows_dot_parallel(w_up, idx, n, xf, u, nthreads)
+        rows_dot_parallel(w_up, idx, n, xf, u, nthreads)
     for j in range(n):
         vals[j] *= u[j]
-
-
-@njit(parallel=True, **JIT)
-def _rows_dot_parallel(w, rows, n, xf, res, nthreads):
-    for t in prange(nthreads):
-        k0, k1 = chunk(t, nthreads, n)
-        dot_rows(w, rows, k0, k1, xf, res)
 
 
 @njit(**JIT)
@@ -289,7 +286,8 @@ def decode_token(token, pos, args, kv, h, logits, counts, nthreads):
 def _mlp(xn, layer, weights, tests, act, out, counts, nthreads):
     """out = down(act(gate(xn)) * up(xn)) with the layer's tests; returns kept neurons."""
     b = layer * _NR
-    F = weights.w[b + _DOWN].shape[1] if tests.mode[layer, _DOWN] == _DENSE else weights.wt[b + _DOWN].shape[0]
+    w_down = weights.w[b + _DOWN]
+    F = m_cols(w_down) if m_rows(w_down) > 0 else m_rows(weights.wt[b + _DOWN])
     D = xn.shape[0]
     K = max(F, D)
     idx = np.empty(K, np.int64)
@@ -318,7 +316,7 @@ def _mlp(xn, layer, weights, tests, act, out, counts, nthreads):
         kept = F
     else:
         kept = _select(g, a_mode, act.thr[layer], act.stride[layer], act.k[layer], idx, vals)
-        if tests.mode[layer, _UP] == _DENSE and weights.bias[b + _UP].shape[0] == 0:
+        if tests.mode[layer, _UP] == _DENSE and m_rows(weights.w[b + _UP]) > 0 and weights.bias[b + _UP].shape[0] == 0:
             _kept_up(xn, weights.w[b + _UP], idx, vals, kept, nthreads)  # only the kept rows of up
             counts[layer, _UP] += D
         else:

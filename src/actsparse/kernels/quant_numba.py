@@ -78,29 +78,8 @@ def block_sums(xf):
 
 
 @njit(**JIT)
-def i8_dot4(codes, scales, i0, i1, i2, i3, xf):
-    """Four int8 row dot products with xf (x loaded once for four weight streams)."""
-    r0, r1, r2, r3 = codes[i0], codes[i1], codes[i2], codes[i3]
-    c0, c1, c2, c3 = scales[i0], scales[i1], scales[i2], scales[i3]
-    t0 = t1 = t2 = t3 = np.float32(0.0)
-    for b in range(scales.shape[1]):
-        o = b * B
-        p0 = p1 = p2 = p3 = np.float32(0.0)
-        for j in range(B):
-            xv = xf[o + j]
-            p0 += np.float32(r0[o + j]) * xv
-            p1 += np.float32(r1[o + j]) * xv
-            p2 += np.float32(r2[o + j]) * xv
-            p3 += np.float32(r3[o + j]) * xv
-        t0 += p0 * c0[b]
-        t1 += p1 * c1[b]
-        t2 += p2 * c2[b]
-        t3 += p3 * c3[b]
-    return t0, t1, t2, t3
-
-
-@njit(**JIT)
 def i8_dot(codes, scales, i, xf):
+    """Row i of an int8 matrix . xf: per block, the code products summed, then scaled."""
     r, c = codes[i], scales[i]
     t = np.float32(0.0)
     for b in range(scales.shape[1]):
@@ -113,34 +92,9 @@ def i8_dot(codes, scales, i, xf):
 
 
 @njit(**JIT)
-def q4_dot4(codes, scales, mins, i0, i1, i2, i3, xf, xs):
-    """Four q4 row dot products: per block, the low nibbles meet x[0:16], the high x[16:32]."""
-    r0, r1, r2, r3 = codes[i0], codes[i1], codes[i2], codes[i3]
-    c0, c1, c2, c3 = scales[i0], scales[i1], scales[i2], scales[i3]
-    m0, m1, m2, m3 = mins[i0], mins[i1], mins[i2], mins[i3]
-    t0 = t1 = t2 = t3 = np.float32(0.0)
-    for b in range(scales.shape[1]):
-        o = b * B
-        ob = b * H
-        p0 = p1 = p2 = p3 = np.float32(0.0)
-        for j in range(H):
-            xl = xf[o + j]
-            xh = xf[o + H + j]
-            w0, w1, w2, w3 = r0[ob + j], r1[ob + j], r2[ob + j], r3[ob + j]
-            p0 += lo4(w0) * xl + hi4(w0) * xh
-            p1 += lo4(w1) * xl + hi4(w1) * xh
-            p2 += lo4(w2) * xl + hi4(w2) * xh
-            p3 += lo4(w3) * xl + hi4(w3) * xh
-        sb = xs[b]
-        t0 += p0 * c0[b] + m0[b] * sb
-        t1 += p1 * c1[b] + m1[b] * sb
-        t2 += p2 * c2[b] + m2[b] * sb
-        t3 += p3 * c3[b] + m3[b] * sb
-    return t0, t1, t2, t3
-
-
-@njit(**JIT)
 def q4_dot(codes, scales, mins, i, xf, xs):
+    """Row i of a q4 matrix . xf: per block, the low nibbles meet x[0:16], the high x[16:32];
+    plus min * (the block sum of x, ``xs``)."""
     r, c, m = codes[i], scales[i], mins[i]
     t = np.float32(0.0)
     for b in range(scales.shape[1]):
@@ -160,38 +114,23 @@ def qdot_rows(codes, scales, mins, rows, k0, k1, xf, xs, res):  # pragma: no cov
 
 @overload(qdot_rows, jit_options=dict(JIT))
 def _qdot_rows_overload(codes, scales, mins, rows, k0, k1, xf, xs, res):
-    """res[k] = W[rows[k]] . xf for k0 <= k < k1, four rows per pass; the codes' dtype picks the format."""
+    """res[k] = W[rows[k]] . xf for k0 <= k < k1, one row at a time; the codes' dtype picks the format.
+
+    One row per pass, as the fp dense dot (:func:`actsparse.kernels.primitives.dot_rows`): one
+    sequential weight stream instead of four short ones. Not yet timed against the four
+    interleaved rows it replaces (git history: ``i8_dot4`` / ``q4_dot4``)."""
     if codes.dtype == types.int8:
 
         def impl(codes, scales, mins, rows, k0, k1, xf, xs, res):
-            k = k0
-            while k + 4 <= k1:
-                s0, s1, s2, s3 = i8_dot4(codes, scales, rows[k], rows[k + 1], rows[k + 2], rows[k + 3], xf)
-                res[k] = s0
-                res[k + 1] = s1
-                res[k + 2] = s2
-                res[k + 3] = s3
-                k += 4
-            while k < k1:
+            for k in range(k0, k1):
                 res[k] = i8_dot(codes, scales, rows[k], xf)
-                k += 1
 
         return impl
     if codes.dtype == types.uint8:
 
         def impl(codes, scales, mins, rows, k0, k1, xf, xs, res):
-            k = k0
-            while k + 4 <= k1:
-                s0, s1, s2, s3 = q4_dot4(codes, scales, mins, rows[k], rows[k + 1], rows[k + 2], rows[k + 3],
-                                         xf, xs)
-                res[k] = s0
-                res[k + 1] = s1
-                res[k + 2] = s2
-                res[k + 3] = s3
-                k += 4
-            while k < k1:
+            for k in range(k0, k1):
                 res[k] = q4_dot(codes, scales, mins, rows[k], xf, xs)
-                k += 1
 
         return impl
     return None

@@ -7,9 +7,9 @@ Modules: ``config`` (Int8Config, Q4Config), ``modules`` (QuantLinear), ``awq`` (
 and exact folds), ``api`` (quantize_, save / load). The formats and kernels live in
 :mod:`actsparse.kernels.quant_formats` / ``quant_numba`` / ``quant_dispatch``.
 """
-from actsparse.quant.api import calibration_rows, load_quantized, quantize_, save_quantized
-from actsparse.quant.config import Int8Config, Q4Config, QuantConfig
+from actsparse.quant.api import calibration_rows, load_quantized, plan_layouts, quantize_, save_quantized
+from actsparse.quant.config import CONFIGS, Int8Config, Q4Config, QuantConfig
 from actsparse.quant.modules import QuantLinear
 
-__all__ = ["Int8Config", "Q4Config", "QuantConfig", "QuantLinear", "quantize_", "save_quantized", "load_quantized",
+__all__ = ["CONFIGS", "Int8Config", "Q4Config", "QuantConfig", "QuantLinear", "quantize_", "save_quantized", "load_quantized", "plan_layouts",
            "calibration_rows"]

@@ -14,6 +14,7 @@ layout and shape, the AWQ record per group); loading checks the identity and ref
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,14 +26,13 @@ from actsparse.kernels.quant_formats import ROWS, TRANSPOSED
 from actsparse.models.swap import has, swap_module
 from actsparse.quant.awq import calibration_keys, search_and_fold
 from actsparse.quant.config import QuantConfig, config_from_dict
-from actsparse.quant.modules import QuantLinear
+from actsparse.quant.modules import STATE_ATTR, QuantLinear
 
 OWNER = "quantize"
 FILE_FORMAT = "actsparse-quantized"
 FILE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "quant.json"
-STATE_ATTR = "_actsparse_quant"
 
 
 def _targets(model: nn.Module, smap, cfg: QuantConfig) -> dict[str, str]:
@@ -68,11 +68,38 @@ def calibration_rows(model: nn.Module, windows, sample_rows: int, smap=None) -> 
     return collect(model, windows, reqs)
 
 
+def plan_layouts(model: nn.Module, plan) -> tuple[str, ...]:
+    """The roles a saved plan reads input-sparsely (its masked linears, and down after a
+    thresholded MLP activation): the ones to pack in the transposed layout so that the
+    quantised model is stored once in the layouts FastDecoder reads. Refuses a plan made for
+    another model (architecture, shapes or weights)."""
+    from actsparse.models.loading import weights_identity
+    from actsparse.models.sitemaps import LINEAR_ROLES, site_map
+    from actsparse.sparsify.plan import check_identity, read_plan
+
+    _config, identity, assignments, _doc = read_plan(plan)
+    check_identity(identity, weights_identity(model), f"plan {plan}")
+    smap = site_map(model, warn=False)
+    role_of = {smap.module_path(layer, r): r for layer in range(smap.num_layers) for r in LINEAR_ROLES
+               if r in smap.roles}
+    roles = set()
+    for a in assignments:
+        if a.module == "act":
+            roles.add("mlp.down")
+        elif a.path in role_of:
+            roles.add(role_of[a.path])
+        else:
+            raise ConfigError(f"plan {plan} masks {a.path}, which is not a block linear of this model")
+    return tuple(sorted(roles))
+
+
 @torch.no_grad()
-def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, progress: bool = False) -> dict:
+def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=None, progress: bool = False) -> dict:
     """Quantise ``model`` in place; returns the description that :func:`save_quantized` writes.
     ``calibration``: token :class:`~actsparse.data.text.Windows` or the dict of rows from
-    :func:`calibration_rows` (needed for AWQ only)."""
+    :func:`calibration_rows` (needed for AWQ only). ``plan``: a saved plan directory; the linears
+    it reads input-sparsely are packed in the transposed layout (one copy, in the layout
+    FastDecoder reads; load the plan into the quantised model afterwards)."""
     from actsparse.models.loading import weights_identity
     from actsparse.models.sitemaps import site_map
 
@@ -85,6 +112,13 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, progre
         raise UnsupportedError("quantize_ needs an architecture site map (which linears are block linears); "
                                "this model has none: add its family to models/sitemaps.py")
     identity = weights_identity(model)
+    if plan is not None:
+        roles = plan_layouts(model, plan)
+        if config.awq and set(roles) - {"mlp.down"}:
+            raise ConfigError("AWQ rescales every linear's input channels, so the thresholds of a plan that masks "
+                              f"linear inputs ({plan}: {', '.join(roles)}) would no longer apply; quantise with "
+                              "RTN (no --awq) for this plan, or calibrate a plan on the AWQ model")
+        config = replace(config, transposed=tuple(sorted(set(config.transposed) | set(roles))))
     targets = _targets(model, smap, config)
     records = {}
     if config.awq:
@@ -98,14 +132,16 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, progre
             raise DataError(f"the calibration rows lack {len(missing)} group inputs (e.g. {missing[0]}); "
                             "build them with calibration_rows(model, windows, sample_rows)")
         records = search_and_fold(model, smap, rows, config.fmt, targets, config.alpha_grid)
-    for path, layout in targets.items():
+    from tqdm.auto import tqdm
+
+    for path, layout in tqdm(targets.items(), desc=f"quantise {config.fmt}", unit="linear", disable=not progress):
         q = QuantLinear.from_linear(model.get_submodule(path), config.fmt, layout)
         swap_module(model, path, q, owner=OWNER)
     desc = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config.to_dict(), "model": identity,
             "linears": {p: {"format": config.fmt, "layout": lay, "shape": [model.get_submodule(p).out_features,
                                                                           model.get_submodule(p).in_features]}
                         for p, lay in targets.items()},
-            "awq": records}
+            "awq": records, "layouts_from_plan": None if plan is None else str(plan)}
     object.__setattr__(model, STATE_ATTR, desc)
     return desc
 
@@ -157,6 +193,11 @@ def load_quantized(model: nn.Module, in_dir) -> nn.Module:
                         f"{FILE_VERSION} (re-quantise with this version)")
     if STATE_ATTR in model.__dict__ or has(model, OWNER):
         raise StateError("the model is already quantised; pass the dense model")
+    from actsparse.sparsify.modules import iter_sparse_modules
+
+    if next(iter_sparse_modules(model), None) is not None:
+        raise StateError("the model carries a sparsity plan; load the quantised weights into the dense model first, "
+                         "then the plan (load_plan checks it against the model the weights were quantised from)")
     ident = weights_identity(model)
     if ident != desc["model"]:
         diff = [k for k in ident if ident.get(k) != desc["model"].get(k)]

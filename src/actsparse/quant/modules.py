@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.kernels.quant_formats import INT8, QuantWeight, check_blockable, quantize_weight
+from actsparse.kernels.quant_formats import BLOCK, FORMATS, INT8, ROWS, QuantWeight, check_blockable, quantize_weight
+
+
+STATE_ATTR = "_actsparse_quant"  # the quantised model's description (quantize_ / load_quantized set it)
+
+
+def quant_description(model: nn.Module) -> dict | None:
+    """The description of a quantised model (config, the dense model's identity, linears), or None."""
+    return model.__dict__.get(STATE_ATTR)
 
 
 class QuantLinear(nn.Module):
@@ -19,11 +27,16 @@ class QuantLinear(nn.Module):
         check_blockable((out_features, in_features), layout)
         self.fmt, self.layout = fmt, layout
         self.out_features, self.in_features = out_features, in_features
-        empty = quantize_weight(torch.zeros(out_features, in_features), fmt, layout)
-        self.register_buffer("codes", empty.codes)
-        self.register_buffer("scales", empty.scales)
+        rows, cols = (out_features, in_features) if layout == ROWS else (in_features, out_features)
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown quantised format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        # zero-filled packed buffers of the right shapes (filled by from_linear or load_state_dict)
+        codes = (torch.zeros(rows, cols, dtype=torch.int8) if fmt == INT8
+                 else torch.zeros(rows, cols // 2, dtype=torch.uint8))
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", torch.zeros(rows, cols // BLOCK))
         if fmt != INT8:
-            self.register_buffer("mins", empty.mins)
+            self.register_buffer("mins", torch.zeros(rows, cols // BLOCK))
         else:
             self.mins = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None

@@ -32,6 +32,7 @@ from torch import nn
 
 from actsparse.errors import ConfigError
 from actsparse.measure.hooks import MaskTracker
+from actsparse.quant.modules import QuantLinear
 
 MODES = ("threshold", "topk")
 
@@ -160,7 +161,7 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of an ``nn.Linear``, a ``Conv1D`` or a :class:`MaskedLinear`."""
-    if isinstance(module, (nn.Linear, MaskedLinear)):
+    if isinstance(module, (nn.Linear, MaskedLinear, QuantLinear)):
         return module.in_features, module.out_features
     if is_linear(module):  # Conv1D: weight (in, out)
         return tuple(module.weight.shape)
@@ -203,12 +204,17 @@ class MaskedLinear(SparseModule):
                  site_kind: str | None = None, skips: tuple[str, ...] = (), centre: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None):
         super().__init__()
-        if not is_linear(linear):
-            raise TypeError(f"MaskedLinear wraps an nn.Linear or Conv1D, got {type(linear).__name__}")
+        quantized = isinstance(linear, QuantLinear)
+        if not (is_linear(linear) or quantized):
+            raise TypeError(f"MaskedLinear wraps an nn.Linear, Conv1D or QuantLinear, got {type(linear).__name__}")
         # keep the original module without registering it, so parameter names stay
         # "<path>.weight" (state_dict and weights_identity unchanged) and the weight is shared
         object.__setattr__(self, "linear", linear)
-        self.weight = linear.weight
+        if quantized:  # its packed buffers under their own names ("<path>.codes", ...), shared
+            for name, buf in linear.named_buffers(recurse=False):
+                self.register_buffer(name, buf)
+        else:
+            self.weight = linear.weight
         self.bias = linear.bias
         self.in_features, self.out_features = linear_features(linear)
         self._init_sparse(self.in_features, threshold, mode, k, site_kind, skips)

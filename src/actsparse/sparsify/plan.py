@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from actsparse.errors import ConfigError
+from actsparse.quant.modules import quant_description
 
 FORMAT = "actsparse.plan/1"
 _TOP_KEYS = {"format", "actsparse", "method", "config", "model", "modules", "created", "meta"}
@@ -170,5 +171,14 @@ def load_plan(model: nn.Module, path: str | Path, *, check_weights: bool = True)
     if is_sparsified(model):
         desparsify_(model)
     actual = weights_identity(model)
-    check_identity(identity, actual, f"plan {path}", check_weights=check_weights)
+    quant = quant_description(model)
+    if quant is None:
+        check_identity(identity, actual, f"plan {path}", check_weights=check_weights)
+    else:  # a quantised model: the plan must be the dense model's it was quantised from
+        check_identity(identity, quant["model"], f"plan {path} (on the model this one was quantised from)",
+                       check_weights=check_weights)
+        if quant["config"].get("awq") and any(a.module == "linear" for a in assignments):
+            raise ConfigError(f"plan {path} masks linear inputs, but this model was quantised with AWQ, which "
+                              "rescales them: the plan's thresholds no longer apply. Use an RTN-quantised model, or "
+                              "calibrate the plan on the AWQ model")
     install(model, config, assignments, identity=actual)
