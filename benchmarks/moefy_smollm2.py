@@ -63,7 +63,8 @@ def main(argv=None) -> int:
                                                  "oracle routing on the same experts")
     ap.add_argument("--no-cats", action="store_true", help="skip the CATS points")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("actsparse-out/moefy.json"))
+    ap.add_argument("--out", type=Path, default=Path("actsparse-out/moefy.json"),
+                    help="JSON path (default: actsparse-out/moefy.json; benchmarks/results/ only explicitly)")
     ap.add_argument("--table", type=Path, default=None, help="print the table of this JSON and exit")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
