@@ -118,7 +118,8 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
     sparse = list(iter_sparse_modules(model))
     if not sparse:
         raise StateError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    wrapped = [getattr(m, "linear", None) for _, m in sparse]  # a MaskedLinear does not register its linear
+    if any(isinstance(m, QuantLinear) for m in list(model.modules()) + wrapped):
         raise UnsupportedError("accelerate_ has no kernels for quantised (int8 / q4) linears yet; decode a quantised "
                                "model with FastDecoder (actsparse generate --engine fast), or model.generate without "
                                "accelerate_ (the masked dense forward of the dequantised weights)")
