@@ -33,3 +33,15 @@ def smollm2():
     import actsparse as asp
 
     return asp.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def teal_plan(tmp_path_factory):
+    """A TEAL 50% plan of the embedded model, written by `actsparse calibrate` (512 calibration
+    tokens), once per session for every CLI test that reads one."""
+    from actsparse.cli import main
+
+    out = tmp_path_factory.mktemp("plan") / "teal"
+    assert main(["calibrate", "--method", "teal", "--sparsity", "0.5", "--tokens", "512", "--window", "256",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out

@@ -9,14 +9,6 @@ from actsparse.cli import main
 SMALL = ["--calib-tokens", "512", "--tokens", "512", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def teal_plan(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plan") / "teal"
-    assert main(["calibrate", "--method", "teal", "--sparsity", "0.5", "--tokens", "512", "--window", "256",
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
 def test_calibrate_records_the_sampling_in_the_plan(teal_plan):
     meta = json.loads((teal_plan / "plan.json").read_text())["meta"]
     assert meta["sampling"] == "spread" and meta["windows"] == 3 and meta["windows_available"] > 1000

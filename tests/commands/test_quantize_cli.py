@@ -6,14 +6,6 @@ import pytest
 from actsparse.cli import main
 
 
-@pytest.fixture(scope="module")
-def teal_plan(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plan") / "teal"
-    assert main(["calibrate", "--method", "teal", "--sparsity", "0.5", "--tokens", "512", "--window", "256",
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
 @pytest.mark.slow  # calibrate + quantise + save + load + decode the real model: ~2 min on 2 cores
 def test_quantize_for_a_plan_then_generate_from_the_saved_weights(teal_plan, tmp_path, capsys):
     out = tmp_path / "q4"

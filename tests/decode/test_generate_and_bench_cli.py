@@ -9,14 +9,6 @@ from actsparse.bench.decode import build_synthetic
 from actsparse.cli import main
 
 
-@pytest.fixture(scope="module")
-def teal_plan(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plan") / "teal"
-    assert main(["calibrate", "--method", "teal", "--sparsity", "0.5", "--tokens", "512", "--window", "256",
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("engine", ["fast", "hf"])
 def test_generate_with_plan_prints_text_and_speed(teal_plan, engine, capsys):
     rc = main(["generate", "--plan", str(teal_plan), "--engine", engine, "--max-new-tokens", "8",

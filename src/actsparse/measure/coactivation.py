@@ -117,22 +117,30 @@ def layer_coactivation(model, windows, *, rate: float, site_role: str = "mlp.dow
     """Co-activation counts of every layer's ``site_role`` (default: the down projection's input,
     ``act(gate) * up``) over ``windows``; padding is excluded. Returns ``{layer: Coactivation}``."""
     from actsparse.measure.capture import resolve_sites, run
-    from actsparse.measure.hooks import SiteHooks
 
-    sites = resolve_sites(model, [site_role])
-    out: dict[int, Coactivation] = {}
-    hooks = None
-
-    def reducer(layer: int):
-        def fold(t: torch.Tensor) -> None:
-            acc = out.get(layer)
-            if acc is None:
-                acc = out[layer] = Coactivation(t.shape[-1], rate)
-            acc.update(t, hooks.tracker.valid_rows(t) if t.ndim == 3 else None)
-        return fold
-
-    hooks = SiteHooks(model, [(s, reducer(s.layer)) for s in sites])
+    hooks, out = coactivation_hooks(model, {s.layer: s for s in resolve_sites(model, [site_role])}, rate)
     with hooks:
         run(model, windows.batches(batch_size), progress=progress, desc="co-activation",
             total=windows.num_batches(batch_size))
     return out
+
+
+def coactivation_hooks(model, sites: dict, rate: float):
+    """Owned hooks (a :class:`~actsparse.measure.hooks.SiteHooks`, not yet entered) that fold
+    every forward's activations at ``sites`` (key -> Site) into ``{key: Coactivation}``, the
+    dict returned beside them; padding is excluded."""
+    from actsparse.measure.hooks import SiteHooks
+
+    out: dict = {}
+    hooks = None
+
+    def reducer(key):
+        def fold(t: torch.Tensor) -> None:
+            acc = out.get(key)
+            if acc is None:
+                acc = out[key] = Coactivation(t.shape[-1], rate)
+            acc.update(t, hooks.tracker.valid_rows(t) if t.ndim == 3 else None)
+        return fold
+
+    hooks = SiteHooks(model, [(s, reducer(k)) for k, s in sites.items()])
+    return hooks, out

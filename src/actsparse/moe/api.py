@@ -42,8 +42,7 @@ def collect(model: nn.Module, windows, *, rows: int, rate: float | None = DEFAUL
     """One pass over ``windows``: row samples of every MLP's input and of its down projection's
     input (the same tokens at both), and (``rate`` not None) the co-activation counts."""
     from actsparse.measure.capture import Probe, capture, run
-    from actsparse.measure.coactivation import Coactivation
-    from actsparse.measure.hooks import SiteHooks
+    from actsparse.measure.coactivation import coactivation_hooks
     from actsparse.models.sitemaps import Site
 
     paths = mlp_paths(model)
@@ -51,21 +50,8 @@ def collect(model: nn.Module, windows, *, rows: int, rate: float | None = DEFAUL
     for p in paths:
         probes.append(Probe(f"{p}|x", Site(f"{p}.gate_proj", "input"), "rows", rows=rows))
         probes.append(Probe(f"{p}|h", Site(f"{p}.down_proj", "input"), "rows", rows=rows))
-    coact: dict[str, Coactivation] = {}
-    entries = []
-    hooks = None
-
-    def fold(path):
-        def f(t):
-            acc = coact.get(path)
-            if acc is None:
-                acc = coact[path] = Coactivation(t.shape[-1], rate)
-            acc.update(t, hooks.tracker.valid_rows(t) if t.ndim == 3 else None)
-        return f
-
-    if rate is not None:
-        entries = [(Site(f"{p}.down_proj", "input"), fold(p)) for p in paths]
-    hooks = SiteHooks(model, entries)
+    hooks, coact = coactivation_hooks(
+        model, {p: Site(f"{p}.down_proj", "input") for p in paths} if rate is not None else {}, rate)
     with capture(model, probes=probes, total_tokens=windows.tokens) as cap, hooks:
         tokens = run(model, windows.batches(batch_size), progress=progress, desc="moefy: activations",
                      total=windows.num_batches(batch_size))

@@ -53,7 +53,7 @@ _NEEDED_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "
 
 
 def row_key(path: str, rows: int) -> str:
-    """Stats key of the token-row sample of ``path``'s input used by the greedy allocation."""
+    """Stats key of the token-row sample of ``path``'s input (the greedy allocation, TEAL's compensation)."""
     return f"{path}:input-rows/{rows}"
 
 

@@ -40,7 +40,7 @@ class InputFit:
                 shift = v if shift is None else shift + v
         if shift is None:
             return None
-        return weight.detach().to(torch.float64) @ shift.to(torch.float64)
+        return (weight.detach().to(torch.float64) @ shift.to(torch.float64)).to(torch.float32)
 
 
 def quantile_abs(values: torch.Tensor, sparsity: float) -> float:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from actsparse.errors import ConfigError
 from actsparse.models.sitemaps import SHARED_INPUT
+from actsparse.sparsify.allocation import row_key
 from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS, Request, quantile_threshold
 from actsparse.sparsify.registry import (Assignment, Handler, SparsityConfig, register_handler, register_method,
                                          register_preset)
@@ -88,11 +87,6 @@ register_preset("teal-centre", TEAL, centre=True)
 register_preset("teal-centre-bias", TEAL, centre=True, bias_correction=True)
 
 
-def rows_key(path: str, rows: int) -> str:
-    """Stats key of the raw calibration rows of ``path``'s input that compensation is fitted on."""
-    return f"{path}:input-rows/{rows}"
-
-
 def input_key(target, layer: int, kind: str) -> str:
     """Stats key of the input of ``kind`` in ``layer`` (captured under its source role)."""
     return f"{target.path(layer, target.input_source(kind))}:input"
@@ -116,7 +110,7 @@ class _TEALHandler(Handler):
                 path = t.path(layer, t.input_source(kind))
                 reqs.append(Request(f"{path}:input", path, "input"))
                 if t.config.compensated:
-                    reqs.append(Request(rows_key(path, rows), path, "input", sample_rows=rows))
+                    reqs.append(Request(row_key(path, rows), path, "input", sample_rows=rows))
         if t.config.allocation == "greedy":
             from actsparse.sparsify.allocation import row_requests
 
@@ -146,7 +140,7 @@ class _TEALHandler(Handler):
                     thr = quantile_threshold(stats[input_key(t, layer, kind)], s)
                     a = Assignment(path, "linear", f"{src}:input", threshold=thr, skips=(path,), target=s)
                     if t.config.compensated:
-                        _compensate(a, t, stats[rows_key(t.path(layer, src), t.config.compensation_rows)], s)
+                        _compensate(a, t, stats[row_key(t.path(layer, src), t.config.compensation_rows)], s)
                     out.append(a)
         return out
 
@@ -159,8 +153,6 @@ def _compensate(a: Assignment, t, rows, sparsity: float) -> None:
     fit = fit_input(rows, sparsity, centre=cfg.centre, bias_correction=cfg.bias_correction, threshold=a.threshold)
     a.threshold, a.centre = fit.threshold, fit.centre
     a.offset = fit.offset(out_in_weight(t.module(a.path)))
-    if a.offset is not None:
-        a.offset = a.offset.to(torch.float32)
 
 
 def _generic_paths(t) -> list[str]:
