@@ -7,7 +7,7 @@ is widened in registers and reduced:
 
 - row dot products (``rows`` layout): ``y_i = sum_b scale_ib * (sum_j q_ij x_j) [+ min_ib * sum_j x_j]``,
   with the per-block sums of x computed once per call (q4's ``min`` term);
-- input-sparse accumulation (``transposed`` layout): for every active input channel k, in four
+- input-sparse accumulation (``transposed`` layout): for every active input channel k, in eight
   rows per pass, ``acc[block b] += (x_k scale_kb) * q_k[b] [+ x_k min_kb]``.
 
 Every kernel takes a weight as ``(codes, scales, mins)`` numpy arrays (``mins`` an empty
@@ -65,72 +65,79 @@ hi4.__doc__ = "float32(b >> 4) of a uint8 code byte (element j + 16 of its block
 # row dot products (rows layout)
 # ---------------------------------------------------------------------------
 @njit(inline="always", **JIT)
-def block_sums(xf):
-    """xs[b] = sum of block b of xf (the q4 min term's factor)."""
-    nb = xf.shape[0] // B
-    xs = np.empty(nb, np.float32)
+def q4_prepare(xf):
+    """x in the order of q4's packed codes, once per GEMV: ``xq = [lo | hi | sums]`` with
+    ``lo[16b + j] = x[32b + j]``, ``hi[16b + j] = x[32b + 16 + j]`` (the elements of byte
+    16b + j's low and high nibble) and ``sums[b]`` = the sum of block b (the min term's factor),
+    so that the row dot is one flat loop over the code bytes."""
+    K = xf.shape[0]
+    nb = K // B
+    half = K // 2
+    xq = np.empty(K + nb, np.float32)
     for b in range(nb):
         s = np.float32(0.0)
-        for j in range(B):
-            s += xf[b * B + j]
-        xs[b] = s
-    return xs
-
-
-@njit(**JIT)
-def i8_dot(codes, scales, i, xf):
-    """Row i of an int8 matrix . xf: per block, the code products summed, then scaled."""
-    r, c = codes[i], scales[i]
-    t = np.float32(0.0)
-    for b in range(scales.shape[1]):
-        o = b * B
-        p = np.float32(0.0)
-        for j in range(B):
-            p += np.float32(r[o + j]) * xf[o + j]
-        t += p * c[b]
-    return t
-
-
-@njit(**JIT)
-def q4_dot(codes, scales, mins, i, xf, xs):
-    """Row i of a q4 matrix . xf: per block, the low nibbles meet x[0:16], the high x[16:32];
-    plus min * (the block sum of x, ``xs``)."""
-    r, c, m = codes[i], scales[i], mins[i]
-    t = np.float32(0.0)
-    for b in range(scales.shape[1]):
-        o = b * B
-        ob = b * H
-        p = np.float32(0.0)
         for j in range(H):
-            w = r[ob + j]
-            p += lo4(w) * xf[o + j] + hi4(w) * xf[o + H + j]
-        t += p * c[b] + m[b] * xs[b]
-    return t
+            lo, hi = xf[b * B + j], xf[b * B + H + j]
+            xq[b * H + j] = lo
+            xq[half + b * H + j] = hi
+            s += lo + hi
+        xq[K + b] = s
+    return xq
 
 
-def qdot_rows(codes, scales, mins, rows, k0, k1, xf, xs, res):  # pragma: no cover - jit overload below
+# The row dots are one flat loop over the row with the block's scale looked up per element
+# (``c[k >> 5]``): written as blocks with an inner loop of 32, LLVM vectorises the loop over the
+# blocks instead (gathers of codes 32 bytes apart) and the kernel ran 8-10x slower than bf16
+# (measured here, AMD EPYC, SmolLM2's linears, cold, one thread: int8 2.4 -> 25 GB/s, q4 2.3 ->
+# 18.5 GB/s of codes + scales + mins).
+@njit(inline="always", **JIT)
+def i8_dot(codes, scales, i, xf):
+    """Row i of an int8 matrix . xf."""
+    r, c = codes[i], scales[i]
+    s = np.float32(0.0)
+    for k in range(codes.shape[1]):
+        s += np.float32(r[k]) * xf[k] * c[k >> 5]
+    return s
+
+
+@njit(inline="always", **JIT)
+def q4_dot(codes, scales, mins, i, xq):
+    """Row i of a q4 matrix . x, with ``xq = q4_prepare(x)``: low nibbles meet ``lo``, high
+    nibbles ``hi``; plus min * (the block sums of x)."""
+    r, c, m = codes[i], scales[i], mins[i]
+    half = codes.shape[1]
+    xl, xh, xs = xq[:half], xq[half:2 * half], xq[2 * half:]
+    s = np.float32(0.0)
+    for kb in range(half):
+        w = r[kb]
+        s += (lo4(w) * xl[kb] + hi4(w) * xh[kb]) * c[kb >> 4]
+    t = np.float32(0.0)
+    for b in range(scales.shape[1]):
+        t += m[b] * xs[b]
+    return s + t
+
+
+def qdot_rows(codes, scales, mins, rows, k0, k1, xf, xq, res):  # pragma: no cover - jit overload below
     raise NotImplementedError
 
 
 @overload(qdot_rows, jit_options=dict(JIT))
-def _qdot_rows_overload(codes, scales, mins, rows, k0, k1, xf, xs, res):
-    """res[k] = W[rows[k]] . xf for k0 <= k < k1, one row at a time; the codes' dtype picks the format.
-
-    One row per pass, as the fp dense dot (:func:`actsparse.kernels.primitives.dot_rows`): one
-    sequential weight stream instead of four short ones. Not yet timed against the four
-    interleaved rows it replaces (git history: ``i8_dot4`` / ``q4_dot4``)."""
+def _qdot_rows_overload(codes, scales, mins, rows, k0, k1, xf, xq, res):
+    """res[k] = W[rows[k]] . x for k0 <= k < k1, one row at a time (one sequential weight
+    stream, as the fp dense dot :func:`actsparse.kernels.primitives.dot_rows`); the codes' dtype
+    picks the format. int8 reads ``xf``, q4 ``xq = q4_prepare(xf)``."""
     if codes.dtype == types.int8:
 
-        def impl(codes, scales, mins, rows, k0, k1, xf, xs, res):
+        def impl(codes, scales, mins, rows, k0, k1, xf, xq, res):
             for k in range(k0, k1):
                 res[k] = i8_dot(codes, scales, rows[k], xf)
 
         return impl
     if codes.dtype == types.uint8:
 
-        def impl(codes, scales, mins, rows, k0, k1, xf, xs, res):
+        def impl(codes, scales, mins, rows, k0, k1, xf, xq, res):
             for k in range(k0, k1):
-                res[k] = q4_dot(codes, scales, mins, rows[k], xf, xs)
+                res[k] = q4_dot(codes, scales, mins, rows[k], xq)
 
         return impl
     return None
@@ -139,63 +146,79 @@ def _qdot_rows_overload(codes, scales, mins, rows, k0, k1, xf, xs, res):
 # ---------------------------------------------------------------------------
 # input-sparse accumulation (transposed layout)
 # ---------------------------------------------------------------------------
+# Eight rows per pass: a transposed row is short (out features bytes for int8, half that for
+# q4, plus its scales), so more rows in flight keep more misses outstanding (int8, SmolLM2's
+# linears at 50%, cold, one thread: 8.4 GB/s with four rows, 11.1 with eight).
 @njit(**JIT)
 def i8_accumulate_rows(codes, scales, idx, vals, k0, k1, acc):
-    """acc[:] = sum_{k0 <= k < k1} vals[k] * M[idx[k], :] for int8 M, four rows per pass."""
+    """acc[:] = sum_{k0 <= k < k1} vals[k] * M[idx[k], :] for int8 M, eight rows per pass."""
     N = acc.shape[0]
     nb = N // B
     for j in range(N):
         acc[j] = 0.0
     k = k0
-    while k + 4 <= k1:
-        r0, r1, r2, r3 = codes[idx[k]], codes[idx[k + 1]], codes[idx[k + 2]], codes[idx[k + 3]]
-        c0, c1, c2, c3 = scales[idx[k]], scales[idx[k + 1]], scales[idx[k + 2]], scales[idx[k + 3]]
+    while k + 8 <= k1:
+        i0, i1, i2, i3, i4, i5, i6, i7 = (idx[k], idx[k + 1], idx[k + 2], idx[k + 3], idx[k + 4], idx[k + 5],
+                                          idx[k + 6], idx[k + 7])
+        r0, r1, r2, r3, r4, r5, r6, r7 = codes[i0], codes[i1], codes[i2], codes[i3], codes[i4], codes[i5], codes[i6], codes[i7]
+        c0, c1, c2, c3 = scales[i0], scales[i1], scales[i2], scales[i3]
+        c4, c5, c6, c7 = scales[i4], scales[i5], scales[i6], scales[i7]
         v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+        v4, v5, v6, v7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
         for b in range(nb):
             a0, a1, a2, a3 = v0 * c0[b], v1 * c1[b], v2 * c2[b], v3 * c3[b]
+            a4, a5, a6, a7 = v4 * c4[b], v5 * c5[b], v6 * c6[b], v7 * c7[b]
             o = b * B
-            for j in range(B):
-                acc[o + j] += (a0 * np.float32(r0[o + j]) + a1 * np.float32(r1[o + j])) + (
-                    a2 * np.float32(r2[o + j]) + a3 * np.float32(r3[o + j]))
-        k += 4
+            for j in range(o, o + B):
+                acc[j] += ((a0 * np.float32(r0[j]) + a1 * np.float32(r1[j]))
+                           + (a2 * np.float32(r2[j]) + a3 * np.float32(r3[j]))) + (
+                    (a4 * np.float32(r4[j]) + a5 * np.float32(r5[j]))
+                    + (a6 * np.float32(r6[j]) + a7 * np.float32(r7[j])))
+        k += 8
     while k < k1:
         r0 = codes[idx[k]]
         c0 = scales[idx[k]]
         v0 = vals[k]
         for b in range(nb):
             a0 = v0 * c0[b]
-            o = b * B
-            for j in range(B):
-                acc[o + j] += a0 * np.float32(r0[o + j])
+            for j in range(b * B, b * B + B):
+                acc[j] += a0 * np.float32(r0[j])
         k += 1
 
 
 @njit(**JIT)
 def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
-    """acc[:] = sum_{k0 <= k < k1} vals[k] * M[idx[k], :] for q4 M, four rows per pass."""
+    """acc[:] = sum_{k0 <= k < k1} vals[k] * M[idx[k], :] for q4 M, eight rows per pass."""
     N = acc.shape[0]
     nb = N // B
     for j in range(N):
         acc[j] = 0.0
     k = k0
-    while k + 4 <= k1:
-        i0, i1, i2, i3 = idx[k], idx[k + 1], idx[k + 2], idx[k + 3]
-        r0, r1, r2, r3 = codes[i0], codes[i1], codes[i2], codes[i3]
+    while k + 8 <= k1:
+        i0, i1, i2, i3, i4, i5, i6, i7 = (idx[k], idx[k + 1], idx[k + 2], idx[k + 3], idx[k + 4], idx[k + 5],
+                                          idx[k + 6], idx[k + 7])
+        r0, r1, r2, r3, r4, r5, r6, r7 = codes[i0], codes[i1], codes[i2], codes[i3], codes[i4], codes[i5], codes[i6], codes[i7]
         c0, c1, c2, c3 = scales[i0], scales[i1], scales[i2], scales[i3]
+        c4, c5, c6, c7 = scales[i4], scales[i5], scales[i6], scales[i7]
         m0, m1, m2, m3 = mins[i0], mins[i1], mins[i2], mins[i3]
+        m4, m5, m6, m7 = mins[i4], mins[i5], mins[i6], mins[i7]
         v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
+        v4, v5, v6, v7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
         for b in range(nb):
             a0, a1, a2, a3 = v0 * c0[b], v1 * c1[b], v2 * c2[b], v3 * c3[b]
-            cm = (v0 * m0[b] + v1 * m1[b]) + (v2 * m2[b] + v3 * m3[b])
+            a4, a5, a6, a7 = v4 * c4[b], v5 * c5[b], v6 * c6[b], v7 * c7[b]
+            cm = ((v0 * m0[b] + v1 * m1[b]) + (v2 * m2[b] + v3 * m3[b])) + (
+                (v4 * m4[b] + v5 * m5[b]) + (v6 * m6[b] + v7 * m7[b]))
             o = b * B
             ob = b * H
             for j in range(H):
                 w0, w1, w2, w3 = r0[ob + j], r1[ob + j], r2[ob + j], r3[ob + j]
-                acc[o + j] += ((a0 * lo4(w0) + a1 * lo4(w1))
-                               + (a2 * lo4(w2) + a3 * lo4(w3))) + cm
-                acc[o + H + j] += ((a0 * hi4(w0) + a1 * hi4(w1))
-                                   + (a2 * hi4(w2) + a3 * hi4(w3))) + cm
-        k += 4
+                w4, w5, w6, w7 = r4[ob + j], r5[ob + j], r6[ob + j], r7[ob + j]
+                acc[o + j] += (((a0 * lo4(w0) + a1 * lo4(w1)) + (a2 * lo4(w2) + a3 * lo4(w3)))
+                               + ((a4 * lo4(w4) + a5 * lo4(w5)) + (a6 * lo4(w6) + a7 * lo4(w7)))) + cm
+                acc[o + H + j] += (((a0 * hi4(w0) + a1 * hi4(w1)) + (a2 * hi4(w2) + a3 * hi4(w3)))
+                                   + ((a4 * hi4(w4) + a5 * hi4(w5)) + (a6 * hi4(w6) + a7 * hi4(w7)))) + cm
+        k += 8
     while k < k1:
         i0 = idx[k]
         r0, c0, m0 = codes[i0], scales[i0], mins[i0]
@@ -255,14 +278,14 @@ def _q_sparse_rows_matvec(codes, scales, mins, idx, vals, n, out, nthreads):
 # kernels
 # ---------------------------------------------------------------------------
 @njit(parallel=True, **JIT)
-def _q_rows_out(xf, xs, codes, scales, mins, idx, vals, n, use_scale, out, nthreads):
+def _q_rows_out(xf, xq, codes, scales, mins, idx, vals, n, use_scale, out, nthreads):
     """out[idx[k]] = M[idx[k]] . xf (times vals[k] if use_scale) for k < n, others 0."""
     M = scales.shape[0]
     d = np.empty(n, np.float32)
     y = np.zeros(M, np.float32)
     for t in prange(nthreads):
         k0, k1 = chunk(t, nthreads, n)
-        qdot_rows(codes, scales, mins, idx, k0, k1, xf, xs, d)
+        qdot_rows(codes, scales, mins, idx, k0, k1, xf, xq, d)
         for k in range(k0, k1):
             y[idx[k]] = d[k] * vals[k] if use_scale else d[k]
     for t in prange(nthreads):
@@ -276,9 +299,9 @@ def q_dense_gemv(x, codes, scales, mins, out, nthreads):
     """Dense out = W @ x on the rows layout (rows split over threads)."""
     M = scales.shape[0]
     xf = widen(x)
-    xs = block_sums(xf)
+    xq = q4_prepare(xf)
     idx = np.arange(M)
-    _q_rows_out(xf, xs, codes, scales, mins, idx, np.empty(0, np.float32), M, False, out, nthreads)
+    _q_rows_out(xf, xq, codes, scales, mins, idx, np.empty(0, np.float32), M, False, out, nthreads)
 
 
 @njit(**JIT)
@@ -287,7 +310,7 @@ def q_output_sparse_gemv(x, codes, scales, mins, sel, use_scale, out, nthreads):
     sel: (M,) float32 values or uint8 mask. Returns the number of active rows."""
     M = scales.shape[0]
     xf = widen(x)
-    xs = block_sums(xf)
+    xq = q4_prepare(xf)
     idx = np.empty(M, np.int64)
     vals = np.empty(M, np.float32)
     n = 0
@@ -296,7 +319,7 @@ def q_output_sparse_gemv(x, codes, scales, mins, sel, use_scale, out, nthreads):
         idx[n] = i
         vals[n] = v
         n += 1 if v != 0.0 else 0
-    _q_rows_out(xf, xs, codes, scales, mins, idx, vals, n, use_scale, out, nthreads)
+    _q_rows_out(xf, xq, codes, scales, mins, idx, vals, n, use_scale, out, nthreads)
     return n
 
 
@@ -304,9 +327,9 @@ def q_output_sparse_gemv(x, codes, scales, mins, sel, use_scale, out, nthreads):
 def q_output_sparse_gemv_rows(x, codes, scales, mins, rows, out, nthreads):
     """out[i] = W[i] . x for i in rows (int64, in range), 0 elsewhere (rows layout)."""
     xf = widen(x)
-    xs = block_sums(xf)
+    xq = q4_prepare(xf)
     n = rows.shape[0]
-    _q_rows_out(xf, xs, codes, scales, mins, rows, np.empty(0, np.float32), n, False, out, nthreads)
+    _q_rows_out(xf, xq, codes, scales, mins, rows, np.empty(0, np.float32), n, False, out, nthreads)
     return n
 
 
@@ -323,22 +346,22 @@ def q_input_sparse_gemv(x, codes, scales, mins, thr, ts, out, nthreads):
 
 
 @njit(parallel=True, **JIT)
-def _q_gate_act(xf, xs, codes, scales, mins, act_code, a, nthreads):
+def _q_gate_act(xf, xq, codes, scales, mins, act_code, a, nthreads):
     F = scales.shape[0]
     rows = np.arange(F)
     for t in prange(nthreads):
         i0, i1 = chunk(t, nthreads, F)
-        qdot_rows(codes, scales, mins, rows, i0, i1, xf, xs, a)
+        qdot_rows(codes, scales, mins, rows, i0, i1, xf, xq, a)
         for i in range(i0, i1):
             a[i] = activate(a[i], act_code)
 
 
 @njit(parallel=True, **JIT)
-def _q_up_mul(xf, xs, codes, scales, mins, idx, vals, n, nthreads):
+def _q_up_mul(xf, xq, codes, scales, mins, idx, vals, n, nthreads):
     u = np.empty(n, np.float32)
     for t in prange(nthreads):
         k0, k1 = chunk(t, nthreads, n)
-        qdot_rows(codes, scales, mins, idx, k0, k1, xf, xs, u)
+        qdot_rows(codes, scales, mins, idx, k0, k1, xf, xq, u)
         for k in range(k0, k1):
             vals[k] *= u[k]
 
@@ -352,13 +375,13 @@ def q_gated_mlp(x, gc, gs, gm, uc, us, um, dc, ds, dm, thr, ts, act_code, out, n
     neuron i kept iff |a_i| > thr[i*ts]; h_i = a_i (W_up[i] . x); out = sum_i h_i W_down^T[i, :]."""
     F = gs.shape[0]
     xf = widen(x)
-    xs = block_sums(xf)
+    xq = q4_prepare(xf)
     a = np.empty(F, np.float32)
-    _q_gate_act(xf, xs, gc, gs, gm, act_code, a, nthreads)
+    _q_gate_act(xf, xq, gc, gs, gm, act_code, a, nthreads)
     idx = np.empty(F, np.int64)
     vals = np.empty(F, np.float32)
     n = compact(a, thr, ts, idx, vals)
-    _q_up_mul(xf, xs, uc, us, um, idx, vals, n, nthreads)
+    _q_up_mul(xf, xq, uc, us, um, idx, vals, n, nthreads)
     _q_sparse_rows_matvec(dc, ds, dm, idx, vals, n, out, nthreads)
     return n
 

@@ -20,7 +20,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from actsparse.kernels.primitives import JIT, accumulate_rows, chunk, dot_range, dot_rows, sparse_rows_matvec
-from actsparse.kernels.quant_numba import (B, _q_sparse_rows_matvec, block_sums, i8_dot, q4_dot, qaccumulate_rows,
+from actsparse.kernels.quant_numba import (B, _q_sparse_rows_matvec, i8_dot, q4_dot, q4_prepare, qaccumulate_rows,
                                            qdot_rows)
 
 __all__ = ["m_rows", "m_cols", "m_bytes", "m_row_bytes", "dense_range", "rows_dot", "accumulate", "accumulate_parallel"]
@@ -108,9 +108,9 @@ def _dense_range(w, i0, i1, xf, res):
         return impl
 
     def impl_q4(w, i0, i1, xf, res):
-        xs = block_sums(xf)
+        xq = q4_prepare(xf)
         for i in range(i0, i1):
-            res[i] = q4_dot(w[0], w[1], w[2], i, xf, xs)
+            res[i] = q4_dot(w[0], w[1], w[2], i, xq)
 
     return impl_q4
 
@@ -122,8 +122,8 @@ def _rows_dot(w, rows, k0, k1, xf, res):
         return lambda w, rows, k0, k1, xf, res: dot_rows(w, rows, k0, k1, xf, res)
 
     def impl(w, rows, k0, k1, xf, res):
-        xs = block_sums(xf) if w[2].shape[0] > 0 else np.empty(0, np.float32)
-        qdot_rows(w[0], w[1], w[2], rows, k0, k1, xf, xs, res)
+        xq = q4_prepare(xf) if w[2].shape[0] > 0 else np.empty(0, np.float32)
+        qdot_rows(w[0], w[1], w[2], rows, k0, k1, xf, xq, res)
 
     return impl
 
