@@ -226,6 +226,8 @@ def run(
     """Run the whole benchmark; returns the JSON-able result dict."""
     from actsparse.kernels import backend
 
+    from actsparse.bench.kernel_quant import QUANT_FORMATS, bench_qlayer
+
     shapes = list(LAYER_SHAPES if shapes is None else shapes)
     sparsities = list(LAYER_SPARSITIES if sparsities is None else sparsities)
     mlp_sparsities = list(MLP_SPARSITIES if mlp_sparsities is None else mlp_sparsities)
@@ -234,11 +236,11 @@ def run(
     flush = Flusher(flush_mb)
     n_dense_max = 4
     total = 0
-    for _ in dtypes:
+    for dt in dtypes:
         for nt in threads:
-            n_col = 2 if nt > 1 else 0
+            n_col = 2 if nt > 1 and dt not in QUANT_FORMATS else 0
             total += len(shapes) * (n_dense_max + len(sparsities) + n_col) * repeats
-            if mlp_shape:
+            if mlp_shape and dt not in QUANT_FORMATS:
                 total += (3 + len(mlp_sparsities)) * repeats
     bar = None
     if progress:
@@ -269,9 +271,12 @@ def run(
                 for (o, i) in shapes:
                     if bar is not None:
                         bar.set_postfix_str(f"{o}x{i} {dt} t{nt}")
-                    groups.append(bench_layer(o, i, DTYPES[dt], nt, sparsities, repeats, flush,
-                                              bar, seed, rng=rng))
-                if mlp_shape:
+                    if dt in QUANT_FORMATS:
+                        groups.append(bench_qlayer(o, i, dt, nt, sparsities, repeats, flush, bar, seed, rng=rng))
+                    else:
+                        groups.append(bench_layer(o, i, DTYPES[dt], nt, sparsities, repeats, flush,
+                                                  bar, seed, rng=rng))
+                if mlp_shape and dt not in QUANT_FORMATS:
                     if bar is not None:
                         bar.set_postfix_str(f"mlp {dt} t{nt}")
                     groups.append(bench_mlp(mlp_shape[0], mlp_shape[1], DTYPES[dt], nt,
@@ -340,7 +345,7 @@ def plot(result: dict, path) -> Path:
                 ideal_drawn = True
         ax.set_title(f"{shape} (out x in)" if "mlp" not in shape else shape + " (gated MLP)")
         ax.set_xlabel("sparsity s")
-        ax.set_ylabel("speedup vs best torch dense")
+        ax.set_ylabel("speedup vs best dense (torch; own format for int8/q4)")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

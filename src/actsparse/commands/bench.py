@@ -81,6 +81,10 @@ The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
                    help="thread counts to run, comma separated (default 1,2)")
     p.add_argument("--dtypes", type=_csv(str), default=None, metavar="D[,D]",
                    help="weight/activation dtypes: fp32, bf16 (default fp32,bf16)")
+    p.add_argument("--formats", type=_csv(str), default=None, metavar="F[,F]",
+                   help="weight formats: fp32, bf16, int8, q4 (int8 / q4: the input-sparse GEMV on the "
+                        "transposed packed codes against the same format's dense GEMVs; no gated MLP). "
+                        "Example: --formats bf16,int8,q4")
     p.add_argument("--shapes", type=_csv(_shape), default=None, metavar="OUTxIN[,...]",
                    help="layer shapes (out x in) instead of the default four")
     p.add_argument("--sparsities", type=_csv(float), default=None, metavar="S[,S]",
@@ -103,10 +107,15 @@ The full run takes about 10 minutes on 2 cores; --quick is a smoke test.""",
 def _run_kernel(args) -> int:
     from actsparse.bench import kernel as bk
 
-    dtypes = args.dtypes or ["fp32", "bf16"]
-    bad = [d for d in dtypes if d not in bk.DTYPES]
+    from actsparse.bench.kernel_quant import QUANT_FORMATS
+
+    if args.dtypes and args.formats:
+        raise ConfigError("give --formats or --dtypes, not both (--formats also takes fp32, bf16)")
+    dtypes = args.formats or args.dtypes or ["fp32", "bf16"]
+    known = list(bk.DTYPES) + list(QUANT_FORMATS)
+    bad = [d for d in dtypes if d not in known]
     if bad:
-        raise ConfigError(f"unknown dtype(s) {bad}; choose from {', '.join(bk.DTYPES)}")
+        raise ConfigError(f"unknown format(s) {bad}; choose from {', '.join(known)}")
     threads = args.threads or [1, 2]
     if any(t < 1 for t in threads):
         raise ConfigError("--threads must be positive integers")

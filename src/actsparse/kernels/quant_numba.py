@@ -188,36 +188,41 @@ def i8_accumulate_rows(codes, scales, idx, vals, k0, k1, acc):
 
 @njit(**JIT)
 def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
-    """acc[:] = sum_{k0 <= k < k1} vals[k] * M[idx[k], :] for q4 M, eight rows per pass."""
+    """acc[:] = sum_{k0 <= k < k1} vals[k] * M[idx[k], :] for q4 M, eight rows per pass.
+
+    Each pass first forms the eight rows' scaled block scales ``a[u, b] = vals * scale`` and adds
+    their min terms into one per-block sum (both vectorised loops over the blocks); the code loop
+    then only widens, scales and adds, and the min sum is added once at the end (11008x4096 at 50%,
+    one thread: 13.1 -> 14.3 GB/s, at 90% 17.6 -> 21.4, against the scalars formed per block)."""
     N = acc.shape[0]
     nb = N // B
+    a = np.empty((8, nb), np.float32)
+    cm = np.zeros(nb, np.float32)
     for j in range(N):
         acc[j] = 0.0
     k = k0
     while k + 8 <= k1:
-        i0, i1, i2, i3, i4, i5, i6, i7 = (idx[k], idx[k + 1], idx[k + 2], idx[k + 3], idx[k + 4], idx[k + 5],
-                                          idx[k + 6], idx[k + 7])
-        r0, r1, r2, r3, r4, r5, r6, r7 = codes[i0], codes[i1], codes[i2], codes[i3], codes[i4], codes[i5], codes[i6], codes[i7]
-        c0, c1, c2, c3 = scales[i0], scales[i1], scales[i2], scales[i3]
-        c4, c5, c6, c7 = scales[i4], scales[i5], scales[i6], scales[i7]
-        m0, m1, m2, m3 = mins[i0], mins[i1], mins[i2], mins[i3]
-        m4, m5, m6, m7 = mins[i4], mins[i5], mins[i6], mins[i7]
-        v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-        v4, v5, v6, v7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
+        for u in range(8):
+            r = idx[k + u]
+            v = vals[k + u]
+            c, m = scales[r], mins[r]
+            for b in range(nb):
+                a[u, b] = v * c[b]
+                cm[b] += v * m[b]
+        r0, r1, r2, r3 = codes[idx[k]], codes[idx[k + 1]], codes[idx[k + 2]], codes[idx[k + 3]]
+        r4, r5, r6, r7 = codes[idx[k + 4]], codes[idx[k + 5]], codes[idx[k + 6]], codes[idx[k + 7]]
         for b in range(nb):
-            a0, a1, a2, a3 = v0 * c0[b], v1 * c1[b], v2 * c2[b], v3 * c3[b]
-            a4, a5, a6, a7 = v4 * c4[b], v5 * c5[b], v6 * c6[b], v7 * c7[b]
-            cm = ((v0 * m0[b] + v1 * m1[b]) + (v2 * m2[b] + v3 * m3[b])) + (
-                (v4 * m4[b] + v5 * m5[b]) + (v6 * m6[b] + v7 * m7[b]))
+            a0, a1, a2, a3 = a[0, b], a[1, b], a[2, b], a[3, b]
+            a4, a5, a6, a7 = a[4, b], a[5, b], a[6, b], a[7, b]
             o = b * B
             ob = b * H
             for j in range(H):
                 w0, w1, w2, w3 = r0[ob + j], r1[ob + j], r2[ob + j], r3[ob + j]
                 w4, w5, w6, w7 = r4[ob + j], r5[ob + j], r6[ob + j], r7[ob + j]
-                acc[o + j] += (((a0 * lo4(w0) + a1 * lo4(w1)) + (a2 * lo4(w2) + a3 * lo4(w3)))
-                               + ((a4 * lo4(w4) + a5 * lo4(w5)) + (a6 * lo4(w6) + a7 * lo4(w7)))) + cm
-                acc[o + H + j] += (((a0 * hi4(w0) + a1 * hi4(w1)) + (a2 * hi4(w2) + a3 * hi4(w3)))
-                                   + ((a4 * hi4(w4) + a5 * hi4(w5)) + (a6 * hi4(w6) + a7 * hi4(w7)))) + cm
+                acc[o + j] += ((a0 * lo4(w0) + a1 * lo4(w1)) + (a2 * lo4(w2) + a3 * lo4(w3))) + (
+                    (a4 * lo4(w4) + a5 * lo4(w5)) + (a6 * lo4(w6) + a7 * lo4(w7)))
+                acc[o + H + j] += ((a0 * hi4(w0) + a1 * hi4(w1)) + (a2 * hi4(w2) + a3 * hi4(w3))) + (
+                    (a4 * hi4(w4) + a5 * hi4(w5)) + (a6 * hi4(w6) + a7 * hi4(w7)))
         k += 8
     while k < k1:
         i0 = idx[k]
@@ -225,14 +230,17 @@ def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
         v0 = vals[k]
         for b in range(nb):
             a0 = v0 * c0[b]
-            cm = v0 * m0[b]
+            cm[b] += v0 * m0[b]
             o = b * B
             ob = b * H
             for j in range(H):
                 w0 = r0[ob + j]
-                acc[o + j] += a0 * lo4(w0) + cm
-                acc[o + H + j] += a0 * hi4(w0) + cm
+                acc[o + j] += a0 * lo4(w0)
+                acc[o + H + j] += a0 * hi4(w0)
         k += 1
+    for b in range(nb):
+        for j in range(b * B, b * B + B):
+            acc[j] += cm[b]
 
 
 def qaccumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):  # pragma: no cover - jit overload below
