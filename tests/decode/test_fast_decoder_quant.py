@@ -148,14 +148,18 @@ def test_real_smollm2_q4_with_a_teal_plan_stored_once(tmp_path):
     plan into the quantised model, decode; each greedy token is the reference's argmax wherever
     the reference's top two logits are apart by more than the tolerance."""
     from actsparse.data.text import text, token_windows
+    from actsparse.sparsify.modules import block_linear_params
 
     model, tok = asp.load("smollm2-135m")  # a fresh copy: quantize_ is in place
     cal = token_windows(tok, text("wiki", "calibration"), window=256, max_tokens=512)
     asp.sparsify_(model, asp.TEAL(sparsity=0.5), calibration=cal)
     asp.save_plan(model, tmp_path / "plan")
     asp.desparsify_(model)
+    dense_params = block_linear_params(model)
     quantize_(model, Q4Config(), plan=tmp_path / "plan")
     asp.load_plan(model, tmp_path / "plan")
+    # the byte accounting reads through the sparse wrappers of packed linears (they hold no .weight)
+    assert block_linear_params(model) == dense_params
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

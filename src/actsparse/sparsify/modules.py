@@ -338,13 +338,22 @@ def block_linear_params(model: nn.Module) -> dict[str, int]:
     smap = site_map(model, warn=False)
     out = {}
     if smap.family == "generic":
-        return {path: model.get_submodule(path).weight.numel() for path in generic_linears(model)}
+        return {path: _weight_count(model.get_submodule(path)) for path in generic_linears(model)}
     for layer in range(smap.num_layers):
         for role in LINEAR_ROLES:
             if role in smap.roles:
                 path = smap.module_path(layer, role)
-                out[path] = model.get_submodule(path).weight.numel()
+                out[path] = _weight_count(model.get_submodule(path))
     return out
+
+
+def _weight_count(module: nn.Module) -> int:
+    """Weights of a linear, through a sparse wrapper (``.linear``) and for packed quantised
+    linears (which hold codes, not a ``weight``)."""
+    inner = getattr(module, "linear", module)
+    if isinstance(getattr(inner, "in_features", None), int) and isinstance(getattr(inner, "out_features", None), int):
+        return inner.in_features * inner.out_features
+    return inner.weight.numel()
 
 
 def bytes_skipped(model: nn.Module, *, nominal: dict[str, float] | None = None) -> float:
