@@ -220,26 +220,40 @@ def test_refuses_missing_and_non_gguf_files_and_a_quantised_model(tmp_path):
 
 
 # ---------------------------------------------------------------- (b) the real embedded file
-def test_embedded_smollm2_file_is_the_dense_model_and_rtn_q4_bit_for_bit(smollm2):
-    from actsparse.decode import FastDecoder
+@pytest.fixture(scope="module")
+def smollm2_from_gguf(smollm2):
     from actsparse.models.loading import embedded_gguf
-    from actsparse.quant import Q4Config, quantize_
 
-    dense = smollm2.model
-    loaded = copy.deepcopy(dense)
+    loaded = copy.deepcopy(smollm2.model)
     desc = load_gguf_quantized_(loaded, embedded_gguf("smollm2-135m"))
-    assert desc["gguf"]["types"] == {"Q4_1": 210}
-    rtn = copy.deepcopy(dense)
-    quantize_(rtn, Q4Config())
+    return loaded, desc
+
+
+def test_embedded_smollm2_file_is_the_dense_model_bit_for_bit(smollm2, smollm2_from_gguf):
+    loaded, desc = smollm2_from_gguf
+    assert desc["gguf"]["types"] == {"Q4_1": 210} and desc["config"]["format"] == "q4"
     lins = _linears(loaded)
-    assert len(lins) == 210
+    assert len(lins) == 210 and {q.layout for q in lins.values()} == {"rows"}
     for path, q in lins.items():
         # asp.load dequantised the same file (q/k un-permuted by transformers): bit for bit
-        assert torch.equal(_bits(q.weight, T.Q4_1), _bits(dense.get_submodule(path).weight, T.Q4_1)), path
-        # and RTN rows q4 of those values finds the file's own grid: the same codes, scales, mins
+        assert torch.equal(_bits(q.weight, T.Q4_1), _bits(smollm2.model.get_submodule(path).weight, T.Q4_1)), path
+    for layer in (0, 29):  # RTN rows q4 of those values finds the file's own grid (all layers: the slow test)
+        for path in [p for p in lins if f".{layer}." in p]:
+            r = quantize_weight(smollm2.model.get_submodule(path).weight, Q4)
+            q = lins[path]
+            assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales) and torch.equal(q.mins, r.mins)
+
+
+@pytest.mark.slow  # an RTN copy of the whole model and two decoders: ~1 min on 2 cores
+def test_embedded_smollm2_decodes_as_its_rtn_q4_copy(smollm2, smollm2_from_gguf):
+    from actsparse.decode import FastDecoder
+    from actsparse.quant import Q4Config, quantize_
+
+    loaded, _ = smollm2_from_gguf
+    rtn = copy.deepcopy(smollm2.model)
+    quantize_(rtn, Q4Config())
+    for path, q in _linears(loaded).items():  # the same codes, scales and mins in every linear
         r = rtn.get_submodule(path)
         assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales) and torch.equal(q.mins, r.mins), path
     ids = smollm2.tokenizer("The history of Paris", return_tensors="pt").input_ids[0]
-    a = FastDecoder(loaded).generate(ids, 4).tokens
-    b = FastDecoder(rtn).generate(ids, 4).tokens
-    assert list(a) == list(b)
+    assert list(FastDecoder(loaded).generate(ids, 4).tokens) == list(FastDecoder(rtn).generate(ids, 4).tokens)

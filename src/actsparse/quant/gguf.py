@@ -40,6 +40,7 @@ LOADABLE = {"Q8_0": (INT8, 2 + BLOCK), "Q4_0": (Q4, 2 + BLOCK // 2), "Q4_1": (Q4
 # a weight whose file values are further than this (relative Frobenius error) from the dense
 # model's is not a quantisation of it (4-bit rounding is ~0.1; other weights ~1.4)
 MAX_RELATIVE_ERROR = 0.3
+CHECK_ROWS = 64
 # GGUF architectures whose converter permutes the q / k rows (transformers undoes it for these)
 PERMUTED_QK_ARCHS = ("llama",)
 # GGUF architecture -> transformers model types it loads as, where the names differ
@@ -86,8 +87,18 @@ def unpermute_qk_rows(out_features: int, n_head: int) -> torch.Tensor:
 
 
 def _take_rows(qw: QuantWeight, order: torch.Tensor) -> QuantWeight:
-    return replace(qw, codes=qw.codes[order].contiguous(), scales=qw.scales[order].contiguous(),
-                   mins=None if qw.mins is None else qw.mins[order].contiguous())
+    """The rows ``order`` of a rows-layout weight (a permutation, or a sample)."""
+    return replace(qw, shape=(int(order.numel()), qw.shape[1]), codes=qw.codes[order].contiguous(),
+                   scales=qw.scales[order].contiguous(), mins=None if qw.mins is None else qw.mins[order].contiguous())
+
+
+def _relative_error(qw: QuantWeight, dense: torch.Tensor) -> float:
+    """||file - dense|| / ||dense|| on up to CHECK_ROWS evenly spaced rows (enough to tell another
+    model's weights, or a wrong row order, from a quantisation of these)."""
+    idx = torch.linspace(0, qw.shape[0] - 1, min(CHECK_ROWS, qw.shape[0])).round().long().unique()
+    w = _take_rows(qw, idx).dequantize()
+    d = dense[idx].detach().to(torch.float32)
+    return float((w - d).norm() / d.norm().clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------- the file
@@ -264,15 +275,13 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
             n = cfg.num_attention_heads if role_of[p] == "attn.q" else (cfg.num_key_value_heads
                                                                         or cfg.num_attention_heads)
             qw = _take_rows(qw, unpermute_qk_rows(shape[0], n))
-        w = qw.dequantize()
-        dense = old.weight.detach().to(torch.float32)
-        err = float((w - dense).norm() / dense.norm().clamp_min(1e-30))
+        err = _relative_error(qw, old.weight)
         if not err <= MAX_RELATIVE_ERROR:
             raise DataError(f"{names[p]} in {path} is not a quantisation of {p} (relative error {err:.3g} > "
                             f"{MAX_RELATIVE_ERROR}): the file is not this model's; load the dense model of this "
                             f"file (asp.load({str(path)!r}))")
         if layout == TRANSPOSED:
-            qw = quantize_weight(w, fmt, TRANSPOSED)  # other blocks: a re-rounding of the file's values
+            qw = quantize_weight(qw.dequantize(), fmt, TRANSPOSED)  # other blocks: a re-rounding of the file's values
             requantised.append(p)
         q = QuantLinear(fmt, layout, *shape, bias=old.bias is not None)
         q.codes, q.scales = qw.codes, qw.scales
@@ -281,7 +290,6 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
         if old.bias is not None:
             q.bias.data = old.bias.detach().to(torch.float32).clone()
         built[p] = q
-        del w, dense
     if requantised:
         log.warning("%d linears are read input-sparsely and need the transposed layout, which the GGUF file does "
                     "not have: requantised them transposed (RTN, %s) from the file's values, which re-rounds them "
