@@ -76,3 +76,14 @@ def test_from_the_embedded_file_then_generate(tmp_path, capsys):
     assert "210 x Q4_1" in capsys.readouterr().out
     assert main(["generate", "--quantized", str(out), "--max-new-tokens", "4", "--prompt", "The history of Paris"]) == 0
     assert "weights q4" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the session's TEAL plan + 210 linears requantised transposed
+def test_from_gguf_with_a_plan_requantises_its_input_sparse_linears(teal_plan, tmp_path, capsys, caplog):
+    out = tmp_path / "q4t"
+    assert main(["quantize", "--from-gguf", "smollm2-135m", "--plan", str(teal_plan), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "210 requantised transposed for the plan (lossy)" in capsys.readouterr().out
+    assert "re-rounds" in caplog.text
+    desc = json.loads((out / "quant.json").read_text())
+    assert {d["layout"] for d in desc["linears"].values()} == {"transposed"}  # TEAL masks every linear input
