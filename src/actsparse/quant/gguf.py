@@ -167,7 +167,7 @@ def _check_model(model: nn.Module, reader, path: Path, smap) -> str:
     return arch
 
 
-def _gguf_names(model: nn.Module, reader, arch: str, targets: dict, n_layers: int) -> dict[str, str]:
+def _gguf_names(reader, arch: str, targets: dict, n_layers: int) -> dict[str, str]:
     """module path -> GGUF tensor name, for every target (the tied LM head reads token_embd)."""
     import gguf
 
@@ -239,7 +239,7 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
     # the format is the file's: targets with a provisional config, then the real one
     probe = CONFIGS[Q4](lm_head=lm_head, transposed=tuple(sorted(roles)))
     targets = _targets(model, smap, probe)
-    names = _gguf_names(model, reader, arch, targets, smap.num_layers)
+    names = _gguf_names(reader, arch, targets, smap.num_layers)
     tensors = {t.name: t for t in reader.tensors}
     by_path = {p: tensors[n] for p, n in names.items()}
     head_path = None
