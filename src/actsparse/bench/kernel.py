@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actsparse.bench.timing import Flusher, interleaved, spread
+from actsparse.bench.kernel_groups import prescreen, run_group, summarise, threshold_for
+from actsparse.bench.timing import Flusher
 from actsparse.provenance import machine_info
 
 LAYER_SHAPES = [(5632, 2048), (2048, 5632), (11008, 4096), (4096, 11008)]  # (out, in)
@@ -33,79 +34,6 @@ LAYER_SPARSITIES = [0.0, 0.5, 0.7, 0.9, 0.95]
 MLP_SHAPE = (4096, 11008)  # (hidden, intermediate)
 MLP_SPARSITIES = [0.0, 0.5, 0.7, 0.9]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-# ---------------------------------------------------------------------------
-def _stats(ts: list[float]) -> dict:
-    sp = spread(np.asarray(ts) * 1e3)
-    return {"median_ms": sp["median"], "p10_ms": sp["p10"], "p90_ms": sp["p90"], "iqr_ms": sp["iqr"]}
-
-
-def _threshold_for(v: torch.Tensor, s: float) -> float:
-    """A scalar threshold leaving exactly round((1-s) n) of |v| above it."""
-    a = torch.sort(v.float().abs(), descending=True).values
-    keep = int(round((1.0 - s) * a.numel()))
-    if keep >= a.numel():
-        return -1.0
-    if keep == 0:
-        return float(a[0]) * 2 + 1
-    return (float(a[keep - 1]) + float(a[keep])) / 2
-
-
-def _prescreen(cands: dict, reps: int = 3, keep_within: float = 1.5) -> tuple[dict, dict]:
-    """Warm timing of each dense candidate; keep those within ``keep_within`` of the best."""
-    times = {}
-    for name, fn in cands.items():
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        times[name] = min(ts) * 1e3
-    best = min(times.values())
-    kept = {k: v for k, v in cands.items() if times[k] <= keep_within * best}
-    return kept, times
-
-
-def _run_group(impls: dict, repeats: int, flush: Flusher, bar, rng: random.Random) -> dict:
-    """Time every impl ``repeats`` times, cold, interleaved in a random order."""
-    def timed(fn):  # measured by wall clock: the runner returns None
-        return lambda: (fn(), None)[1]
-
-    return interleaved({k: timed(fn) for k, fn in impls.items()}, repeats, rng=rng, before=flush,
-                       after=(lambda _k: bar.update(1)) if bar is not None else None)
-
-
-def _summarise(raw, dense_names, sparse_meta, ideal) -> dict:
-    stats = {k: _stats(v) for k, v in raw.items()}
-    best_dense = min(dense_names, key=lambda k: stats[k]["median_ms"])
-    t_dense = stats[best_dense]["median_ms"]
-    rows = []
-    for key, meta in sparse_meta.items():
-        st = stats[key]
-        s = meta["sparsity"]
-        sp = t_dense / st["median_ms"]
-        rows.append(
-            {
-                "impl": key,
-                **meta,
-                **st,
-                "speedup": sp,
-                "speedup_p10_p90": [t_dense / st["p90_ms"], t_dense / st["p10_ms"]],
-                "ideal": ideal(s),
-                "fraction_of_ideal": sp / ideal(s),
-                "effective_GBps": meta["bytes_read"] / (st["median_ms"] * 1e-3) / 1e9,
-            }
-        )
-    return {
-        "best_dense": best_dense,
-        "best_dense_ms": t_dense,
-        "dense": {k: stats[k] for k in dense_names},
-        "stats": stats,
-        "rows": rows,
-        "raw_ms": {k: [t * 1e3 for t in v] for k, v in raw.items()},
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -128,12 +56,12 @@ def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=Non
         "x@Wt": lambda: x @ Wt,
         "torch.matmul": lambda: torch.matmul(W, x),
     }
-    dense, pre = _prescreen(cands)
+    dense, pre = prescreen(cands)
     impls = dict(dense)
     out = torch.empty(out_f, dtype=dtype)
     meta = {}
     for s in sparsities:
-        t = _threshold_for(x, s)
+        t = threshold_for(x, s)
         n_act = int((x.float().abs() > t).sum())
         key = f"sparse_s{s:g}"
         impls[key] = lambda t=t: sparse_input_gemv(x, Wt, t, out=out)
@@ -148,8 +76,8 @@ def bench_layer(out_f, in_f, dtype, threads, sparsities, repeats, flush, bar=Non
             meta[key] = {**meta[f"sparse_s{s:g}"], "variant": "colsplit"}
     for fn in impls.values():  # compile / warm
         fn()
-    raw = _run_group(impls, repeats, flush, bar, rng or random.Random(seed))
-    res = _summarise(raw, list(dense), meta, lambda s: 1.0 / (1.0 - s))
+    raw = run_group(impls, repeats, flush, bar, rng or random.Random(seed))
+    res = summarise(raw, list(dense), meta, lambda s: 1.0 / (1.0 - s))
     res.update(kind="layer", out_features=out_f, in_features=in_f, dtype=str(dtype).split(".")[-1],
                threads=threads, dense_prescreen_warm_ms=pre, weight_bytes=W.numel() * el)
     for r in res["rows"]:
@@ -186,13 +114,13 @@ def bench_mlp(hidden, inter, dtype, threads, sparsities, repeats, flush, bar=Non
         "torch.mv": dense_with(lambda v, W, i: torch.mv(W, v)),
         "x@Wt": dense_with(lambda v, W, i: v @ Ts[i]),
     }
-    dense, pre = _prescreen(cands)
+    dense, pre = prescreen(cands)
     impls = dict(dense)
     out = torch.empty(hidden, dtype=dtype)
     a_ref = activation(F.linear(x.float(), Wg.float()), act)
     meta = {}
     for s in sparsities:
-        t = _threshold_for(a_ref, s)
+        t = threshold_for(a_ref, s)
         _, n_act = gated_mlp_step(x, Wg, Wu, Wdt, t, act, out=out, return_active=True)
         key = f"gated_s{s:g}"
         impls[key] = lambda t=t: gated_mlp_step(x, Wg, Wu, Wdt, t, act, out=out)
@@ -200,8 +128,8 @@ def bench_mlp(hidden, inter, dtype, threads, sparsities, repeats, flush, bar=Non
                      "bytes_read": (inter * hidden + 2 * n_act * hidden) * el}
     for fn in impls.values():
         fn()
-    raw = _run_group(impls, repeats, flush, bar, rng or random.Random(seed))
-    res = _summarise(raw, list(dense), meta, lambda s: 3.0 / (1.0 + 2.0 * (1.0 - s)))
+    raw = run_group(impls, repeats, flush, bar, rng or random.Random(seed))
+    res = summarise(raw, list(dense), meta, lambda s: 3.0 / (1.0 + 2.0 * (1.0 - s)))
     res.update(kind="gated_mlp", hidden=hidden, intermediate=inter, act=act,
                dtype=str(dtype).split(".")[-1], threads=threads, dense_prescreen_warm_ms=pre,
                weight_bytes=3 * inter * hidden * el)

@@ -17,7 +17,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from actsparse.bench.kernel import _prescreen, _run_group, _summarise, _threshold_for
+from actsparse.bench.kernel_groups import prescreen, run_group, summarise, threshold_for
 
 QUANT_FORMATS = ("int8", "q4")
 
@@ -34,22 +34,22 @@ def bench_qlayer(out_f, in_f, fmt, threads, sparsities, repeats, flush, bar=None
     Wb = W.to(torch.bfloat16)
     xb = x.to(torch.bfloat16)
     del W
-    torch_bf16, _ = _prescreen({"torch-bf16 F.linear": lambda: F.linear(xb, Wb), "torch-bf16 torch.mv": lambda: torch.mv(Wb, xb)})
+    torch_bf16, _ = prescreen({"torch-bf16 F.linear": lambda: F.linear(xb, Wb), "torch-bf16 torch.mv": lambda: torch.mv(Wb, xb)})
     impls = {f"{fmt}-rows": lambda: q_dense_gemv(x, rows),
              f"{fmt}-transposed-all": lambda: q_input_sparse_gemv(x, trans, -1.0)}
     impls.update(torch_bf16)
     row_bytes = trans.nbytes // in_f
     meta = {}
     for s in sparsities:
-        t = _threshold_for(x, s)
+        t = threshold_for(x, s)
         n_act = int((x.abs() > t).sum())
         key = f"sparse_s{s:g}"
         impls[key] = lambda t=t: q_input_sparse_gemv(x, trans, t)
         meta[key] = {"sparsity": s, "active": n_act, "bytes_read": n_act * row_bytes, "variant": "rowsplit"}
     for fn in impls.values():  # compile / warm
         fn()
-    raw = _run_group(impls, repeats, flush, bar, rng or random.Random(seed))
-    res = _summarise(raw, [f"{fmt}-rows", f"{fmt}-transposed-all"], meta, lambda s: 1.0 / (1.0 - s))
+    raw = run_group(impls, repeats, flush, bar, rng or random.Random(seed))
+    res = summarise(raw, [f"{fmt}-rows", f"{fmt}-transposed-all"], meta, lambda s: 1.0 / (1.0 - s))
     bf16_best = min(torch_bf16, key=lambda k: res["stats"][k]["median_ms"])
     res.update(kind="layer", out_features=out_f, in_features=in_f, dtype=fmt, threads=threads,
                weight_bytes={"rows": rows.nbytes, "transposed": trans.nbytes, "bf16": Wb.numel() * 2},
