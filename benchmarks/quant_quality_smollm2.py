@@ -10,8 +10,10 @@ by ``quantize_`` (AWQ rescales the inputs the thresholds test) and is not run. `
 variants quantise the lm_head too (rows). Writes a JSON with the machine, CPU and git state
 (actsparse.provenance) to ``--out``, e.g.
 
-    python benchmarks/quant_quality_smollm2.py --tokens 8192 --plans teal,cats \
+    python benchmarks/quant_quality_smollm2.py --tokens 8192 \
         --out benchmarks/results/quant-quality-smollm2-135m.json
+    python benchmarks/quant_quality_smollm2.py --tokens 8192 --plans teal,cats \
+        --variants dense,int8,q4-rtn,int8-head,q4-rtn-head --out benchmarks/results/quant-quality-plans-smollm2-135m.json
 """
 from __future__ import annotations
 
@@ -47,16 +49,20 @@ def measure(bundle, *, tokens: int, calib_tokens: int, window: int, sample_rows:
     model, tok = bundle.model, bundle.tokenizer
     held_out = token_windows(tok, text("wiki", "test"), window=window, max_tokens=tokens)
     calib = token_windows(tok, text("wiki", "calibration"), window=window, max_tokens=calib_tokens)
-    t0 = time.time()
-    rows = calibration_rows(model, calib, sample_rows)
-    calib_s = time.time() - t0
     configs = {"dense": None, "int8": Int8Config(), "q4-rtn": Q4Config(), "q4-awq": Q4Config(awq=True),
                "q4-rtn-down-transposed": Q4Config(transposed=("mlp.down",)),
                "int8-head": Int8Config(lm_head=True), "q4-rtn-head": Q4Config(lm_head=True)}
-    runs = [(name, None) for name in (variants or configs)]
+    variants = list(variants or configs)
+    unknown = [v for v in variants if v not in configs]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(configs)}")
+    t0 = time.time()
+    rows = calibration_rows(model, calib, sample_rows) if "q4-awq" in variants else None  # AWQ's only
+    calib_s = time.time() - t0
+    runs = [(name, None) for name in variants]
     for method in plans or {}:
         runs += [(name, method) for name in ("dense", "int8", "q4-rtn", "q4-awq")
-                 if not (method == "teal" and name == "q4-awq")]
+                 if name in variants and not (method == "teal" and name == "q4-awq")]
     out = {}
     for name, method in runs:
         cfg = configs[name]
@@ -92,6 +98,9 @@ def main() -> int:
     ap.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default: %(default)s)")
     ap.add_argument("--sample-rows", type=int, default=512, help="AWQ rows per group input (default: %(default)s)")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--variants", default="", help="formats to run, comma separated: dense, int8, q4-rtn, q4-awq, "
+                    "q4-rtn-down-transposed, int8-head, q4-rtn-head (default: all); the plan rows use those of "
+                    "dense / int8 / q4-rtn / q4-awq among them")
     ap.add_argument("--plans", default="", help="50%% plans to add, comma separated: teal, cats (default: none)")
     ap.add_argument("--plan-tokens", type=int, default=8192, help="plan calibration tokens (default: %(default)s)")
     ap.add_argument("--out", default="actsparse-out/quant-quality-smollm2-135m.json", help="JSON output (default: %(default)s)")
@@ -110,7 +119,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         plans = make_plans(bundle.model, bundle.tokenizer, methods, args.plan_tokens, args.window, root)
         res = measure(bundle, tokens=args.tokens, calib_tokens=args.calib_tokens, window=args.window,
-                      sample_rows=args.sample_rows, plans=plans)
+                      sample_rows=args.sample_rows, plans=plans,
+                      variants=[v for v in args.variants.split(",") if v] or None)
     res["plan_tokens"] = args.plan_tokens if methods else None
     write_json(args.out, {"benchmark": "quant-quality", "model": "smollm2-135m", "dtype": "float32",
                           "data": {"eval": "wiki/test", "calibration": "wiki/calibration"}, **res,
