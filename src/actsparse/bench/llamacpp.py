@@ -63,8 +63,10 @@ def quantise(source: Path, dtype: str) -> Path:
     from actsparse.cache import cache_dir
 
     ftype, tag = FTYPES[dtype]
+    if source.stem.endswith(f".{tag}"):  # already in that format (a random shape's F32 source)
+        return source
     target = cache_dir() / "gguf" / f"{source.stem.removesuffix('.F32')}.{tag}.gguf"
-    if target == source or target.is_file():
+    if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.part")
