@@ -285,7 +285,8 @@ def _llama_cells(engines: dict, summary: dict | None) -> str:
         return f"  llama.cpp {llama['median']:.1f}" if llama else ""
     s = summary
     gbps = f" ({s['effective_GBps']:.1f} GB/s)" if "effective_GBps" in s else ""
-    return (f"  llama.cpp {s.get('format', '')} {engines[s.get('engine', 'llama-cpp')]['median']:.1f}{gbps}, "
+    fmt = f"{s['format']} " if s.get("format") else ""
+    return (f"  llama.cpp {fmt}{engines[s.get('engine', 'llama-cpp')]['median']:.1f}{gbps}, "
             f"dense / sparse vs llama.cpp {s['fast_dense_vs_llama_cpp']:.2f}x / {s['fast_sparse_vs_llama_cpp']:.2f}x")
 
 
