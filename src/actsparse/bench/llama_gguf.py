@@ -71,7 +71,8 @@ def _copy_tokenizer(writer, source: Path, n_vocab: int) -> None:
         if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
             value = value[:n_vocab]
         elif key == "tokenizer.ggml.merges":
-            value = [m for m in value if (lambda a, b: a in kept and b in kept and a + b in kept)(*m.split(" ", 1))]
+            pairs = [(m, *m.split(" ", 1)) for m in value]  # "left right" -> the token left + right
+            value = [m for m, a, b in pairs if a in kept and b in kept and a + b in kept]
         elif key.endswith("_token_id") and int(value) >= n_vocab:
             continue  # a special token the cut vocabulary does not have
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
