@@ -9,7 +9,12 @@ Engines, timed in a random order in every repeat (same prompt, greedy, fixed len
 * ``fast-dense-<f>`` / ``fast-sparse-<f>`` for each quantised format ``f`` of ``weights``
   (int8, q4): the same two decoders on their own RTN-quantised copy of the block linears
   (``FastDecoder(weights=f)``: dense rows-packed, sparse with the input-sparse linears packed
-  transposed), their bytes per token the format's real bytes (codes + scales + mins).
+  transposed), their bytes per token the format's real bytes (codes + scales + mins);
+* ``llama-cpp`` (llama.cpp on the same weights in the group's dtype, F32 / BF16) and, with
+  ``weights`` int8 / q4, ``llama-cpp-q8_0`` / ``llama-cpp-q4_0``: the same source GGUF requantised
+  by llama.cpp to its own nearest formats (:mod:`actsparse.bench.llamacpp`), their bytes per
+  token read from each file's tensor sizes. The embedded models use their own GGUF file, the
+  random LLaMA shapes one written from their own tensors (:mod:`actsparse.bench.llama_gguf`).
 
 Decode throughput counts the tokens after the first (the prefill makes the first one).
 Weights stream from DRAM on every token (the smallest case, SmolLM2 in bf16, reads
@@ -39,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from actsparse.bench.bandwidth import ReadProbe
+from actsparse.bench.llamacpp import FOR_WEIGHTS
 from actsparse.bench.timing import GenerateClock, interleaved, spread
 from actsparse.errors import ConfigError
 from actsparse.provenance import git_hash, machine_info
@@ -86,15 +92,34 @@ def build_synthetic(name: str, seed: int = 0):
     return model, tok
 
 
-def llama_gguf(name: str, dtype: str):
-    """The llama.cpp baseline's GGUF for model ``name`` in ``dtype`` (None: no GGUF file, e.g. a
-    random-weight shape or a Hugging Face directory)."""
-    from actsparse.bench.llamacpp import requantised
-    from actsparse.models.loading import EMBEDDED
+def llama_engine(fmt: str) -> str:
+    """The llama.cpp engine of actsparse's quantised format ``fmt`` (int8 -> llama-cpp-q8_0, q4 -> llama-cpp-q4_0)."""
+    return f"{LLAMA_CPP}-{FOR_WEIGHTS[fmt]}"
 
+
+def llama_source(name: str, model, seed: int = 0):
+    """The GGUF file llama.cpp's engines are requantised from, for model ``name`` (None: none,
+    e.g. a Hugging Face directory or the Gemma-3 random shape): the embedded model's own file, or
+    for a random LLaMA shape an F32 file written from ``model``'s tensors (fp32, before any cast)."""
+    from actsparse.models.loading import EMBEDDED, embedded_gguf
+
+    if name in SYNTHETIC:
+        if SYNTHETIC[name][0] != "LlamaForCausalLM":
+            return None
+        from actsparse.bench.llama_gguf import synthetic_gguf
+
+        return synthetic_gguf(name, model, seed)
     if name not in EMBEDDED or name == "minilm":
         return None
-    return requantised(name, dtype)
+    return embedded_gguf(name)
+
+
+def llama_gguf(name: str, dtype: str, source=None):
+    """The llama.cpp baseline's GGUF for model ``name`` in ``dtype`` (float32 / bfloat16 / q8_0 /
+    q4_0) from ``source`` (default: the embedded model's own file)."""
+    from actsparse.bench.llamacpp import requantised
+
+    return requantised(name, dtype, source)
 
 
 def load_model(name: str, seed: int = 0):
@@ -153,10 +178,12 @@ def _summary(xs: list[float]) -> dict:
 
 
 def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: int, prompt_tokens: int,
-                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None, quant=()) -> dict:
+                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None, quant=(),
+                llama_quant=None) -> dict:
     """Time every engine on ``model`` (sparsified by ``sparsify()`` when needed); with
     ``llama_gguf`` (the same weights as a GGUF file) llama.cpp too; with ``quant`` (int8, q4)
-    the fast engines on each quantised format too."""
+    the fast engines on each quantised format too, and with ``llama_quant`` (format -> GGUF file
+    of llama.cpp's Q8_0 / Q4_0) llama.cpp on each of them."""
     from actsparse.decode import FastDecoder, accelerate_, deaccelerate_
     from actsparse.sparsify.api import desparsify_, is_sparsified
 
@@ -198,13 +225,18 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         return lambda dec=decoders[engine]: _fast_run(dec, ids, new_tokens)
 
     runners = {e: runner(e) for e in list(engines) + [e for f in quant for e in quant_engines(f)]}
+    llama_files = dict(llama_quant or {})  # engine -> GGUF file
+    llama_files = {llama_engine(f): path for f, path in llama_files.items()}
     if llama_gguf is not None:
+        llama_files[LLAMA_CPP] = llama_gguf
+        engines = list(engines) + [LLAMA_CPP]
+    if llama_files:
         from actsparse.bench.llamacpp import LlamaCppEngine
 
-        llama = LlamaCppEngine(llama_gguf, threads, max_len)
-        llama(ids, 4)  # warm
-        runners[LLAMA_CPP] = lambda: llama(ids, new_tokens)
-        engines = list(engines) + [LLAMA_CPP]
+        for e, path in llama_files.items():
+            llama = LlamaCppEngine(path, threads, max_len)
+            llama(ids, 4)  # warm
+            runners[e] = lambda llama=llama: llama(ids, new_tokens)
     runners[READ] = ReadProbe(threads)  # the machine's read bandwidth, under the same conditions
     runs = interleaved(runners, repeats, rng=rng,
                        after=(lambda e: e != READ and progress.update(1)) if progress is not None else None)
@@ -230,9 +262,8 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         tps = stats[e]["median"]
         out.setdefault("effective_GBps", {})[e] = tps * (sparse_b if e.endswith("sparse") else dense_b) / 1e9
     if LLAMA_CPP in stats:
-        out["llama_cpp"] = {"gguf": llama_gguf.name,
-                            "fast_dense_vs_llama_cpp": stats["fast-dense"]["median"] / stats[LLAMA_CPP]["median"],
-                            "fast_sparse_vs_llama_cpp": stats["fast-sparse"]["median"] / stats[LLAMA_CPP]["median"]}
+        out["llama_cpp"] = _llama_summary(LLAMA_CPP, llama_gguf, "fast-dense", "fast-sparse", stats, read["best"])
+        out["effective_GBps"][LLAMA_CPP] = out["llama_cpp"]["effective_GBps"]  # its own file's bytes
     blocks = sum(wb["roles"].values())
     out["amdahl_ceiling_without_lm_head"] = blocks / (blocks - (dense_b - sparse_b))  # what the blocks alone allow
     out["read_GBps"] = read
@@ -245,9 +276,27 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     if "hf-sparse" in stats and "hf-dense" in stats:
         out["hf_speedup"] = stats["hf-sparse"]["median"] / stats["hf-dense"]["median"]
     out["quantized"] = {fmt: _quant_summary(fmt, decoders, stats, read["best"]) for fmt in quant}
+    for fmt in quant:
+        e = llama_engine(fmt)
+        if e in stats:
+            q = out["quantized"][fmt]
+            q["engines"][e] = stats[e]
+            q["llama_cpp"] = _llama_summary(e, llama_files[e], *quant_engines(fmt), stats, read["best"])
     del decoders, fast_sparse, fast_dense
     gc.collect()
     return out
+
+
+def _llama_summary(engine: str, gguf, dense: str, sparse: str, stats: dict, read_best: float) -> dict:
+    """A llama.cpp engine's file, format, bytes per token (from its GGUF) and the fast engines' ratios to it."""
+    from actsparse.bench.llamacpp import gguf_bytes_per_token
+
+    b = gguf_bytes_per_token(gguf)
+    tps = stats[engine]["median"]
+    return {"engine": engine, "gguf": gguf.name, "format": gguf.stem.rsplit(".", 1)[-1], "bytes_per_token": b,
+            "effective_GBps": tps * b["total"] / 1e9, "of_read_bandwidth": tps * b["total"] / 1e9 / read_best,
+            "fast_dense_vs_llama_cpp": stats[dense]["median"] / tps,
+            "fast_sparse_vs_llama_cpp": stats[sparse]["median"] / tps}
 
 
 def _quant_summary(fmt: str, decoders: dict, stats: dict, read_best: float) -> dict:
@@ -317,6 +366,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
         engines = [e for e in ENGINES if not (e.startswith("hf") and n_params > hf_max_params)]
         torch.set_num_threads(max(threads))
         do_sparsify = stats = None
+        source = llama_source(name, model, seed) if llama_cpp else None  # from the fp32 tensors, before any cast
         if config is not None:
             cal = calibration_windows(model, tok, calib_tokens)
             stats = calibrate(model, [config], cal, progress=progress)
@@ -325,16 +375,17 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
                 sparsify_(model, config, stats=stats)
 
         if bar is None and progress:
-            total = len(models) * len(dtypes) * len(threads) * repeats * (len(ENGINES) + 2 * len(quant))
+            total = len(models) * len(dtypes) * len(threads) * repeats * (len(ENGINES) + (3 if llama_cpp else 2) * len(quant))
             bar = tqdm(total=total, desc="decode runs", unit="run")
         for dt in dtypes:
             desparsify_(model)  # thresholds stay fp32; the plan is re-applied after the cast
             model.to(getattr(torch, dt))
-            gguf = llama_gguf(name, dt) if llama_cpp else None
+            gguf = llama_gguf(name, dt, source) if source is not None else None
+            llama_quant = {f: llama_gguf(name, FOR_WEIGHTS[f], source) for f in quant} if source is not None else None
             for th in threads:
                 g = bench_group(model, tok, dtype=dt, threads=th, engines=engines, new_tokens=new_tokens,
                                 prompt_tokens=prompt_tokens, repeats=repeats, rng=rng, sparsify=do_sparsify,
-                                progress=bar, llama_gguf=gguf, quant=quant)
+                                progress=bar, llama_gguf=gguf, quant=quant, llama_quant=llama_quant)
                 g.update(model=name, parameters=n_params)
                 groups.append(g)
         del model, stats
@@ -420,9 +471,9 @@ def plot(result: dict, path):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     colors = {"hf-dense": "#bbbbbb", "hf-sparse": "#88aadd", "fast-dense": "#666666", "fast-sparse": "#2266cc",
               LLAMA_CPP: "#dd8844"}
-    quant = tuple(e for f in QUANT_WEIGHTS for e in quant_engines(f))
+    quant = tuple(e for f in QUANT_WEIGHTS for e in quant_engines(f) + (llama_engine(f),))
     colors.update({"fast-dense-int8": "#99bb99", "fast-sparse-int8": "#339933", "fast-dense-q4": "#cc99cc",
-                   "fast-sparse-q4": "#993399"})
+                   "fast-sparse-q4": "#993399", "llama-cpp-q8_0": "#eeaa66", "llama-cpp-q4_0": "#bb6622"})
     shown = [e for e in ENGINES + (LLAMA_CPP,) + quant if any(e in g["engines"] for g in groups)]
     width = 0.8 / len(shown)
     for i, e in enumerate(shown):

@@ -6,6 +6,12 @@ other engines run (actsparse dequantises the same file to fp32, and rounds to bf
 way, to nearest even). Written once into the cache. Greedy decoding of the same prompt token
 ids for the same number of new tokens; decode tokens/s from llama.cpp's own performance
 counters (the tokens evaluated after the prompt, over their evaluation time).
+
+With ``--weights int8`` / ``q4`` the same source file is requantised by llama.cpp to Q8_0 / Q4_0
+(its own formats and its own recipe: with a Q4_0 ftype llama.cpp stores the output matrix, or
+the tied embedding that serves as it, as Q6_K; :func:`gguf_bytes_per_token` reads what each
+tensor really is from the file). The random-weight LLaMA shapes get a GGUF written from their own
+tensors first (:mod:`actsparse.bench.llama_gguf`) and are requantised the same way.
 """
 from __future__ import annotations
 
@@ -14,7 +20,13 @@ from pathlib import Path
 
 from actsparse.errors import ConfigError
 
-FTYPES = {"float32": ("LLAMA_FTYPE_ALL_F32", "F32"), "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16")}
+# the format -> (llama_ftype, file tag): the float dtypes of the benchmark, and llama.cpp's formats
+# closest to actsparse's int8 (Q8_0: int8 codes, one fp16 scale per block of 32) and q4 (Q4_0:
+# 4-bit codes, one fp16 scale per block of 32, no min; actsparse's q4 is Q4_1-like, scale and min)
+FTYPES = {"float32": ("LLAMA_FTYPE_ALL_F32", "F32"), "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16"),
+          "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"), "q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0")}
+FOR_WEIGHTS = {"int8": "q8_0", "q4": "q4_0"}  # actsparse --weights format -> llama.cpp format
+BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 BUILD_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON '
               '-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF '
               '-DGGML_AMX_BF16=OFF" pip install llama-cpp-python==0.3.36')
@@ -28,34 +40,75 @@ def available() -> bool:
     return True
 
 
-def requantised(name: str, dtype: str) -> Path:
-    """The embedded model ``name``'s GGUF in ``dtype`` (F32 / BF16), made once into the cache."""
-    import llama_cpp
-
-    from actsparse.cache import cache_dir
+def requantised(name: str, dtype: str, source: Path | None = None) -> Path:
+    """The embedded model ``name``'s GGUF (or ``source``, e.g. a random shape's F32 GGUF) in
+    ``dtype`` (a key of FTYPES), made once into the cache by ``llama_model_quantize``."""
     from actsparse.models.loading import embedded_gguf
 
     if dtype not in FTYPES:
-        raise ConfigError(f"llama.cpp baseline dtypes: {', '.join(FTYPES)}, not {dtype!r}")
-    source = embedded_gguf(name)
+        raise ConfigError(f"llama.cpp baseline formats: {', '.join(FTYPES)}, not {dtype!r}")
     if source is None:
-        raise ConfigError(f"{name!r} has no GGUF file for llama.cpp; the baseline runs the embedded causal LMs")
+        source = embedded_gguf(name)
+    if source is None:
+        raise ConfigError(f"{name!r} has no GGUF file for llama.cpp; the baseline runs the embedded causal LMs "
+                          "and the random LLaMA shapes")
+    return quantise(source, dtype)
+
+
+def quantise(source: Path, dtype: str) -> Path:
+    """``source`` requantised by llama.cpp to ``dtype``, cached as ``<cache>/gguf/<stem>.<TAG>.gguf``
+    (written to a hidden temporary name, then renamed: a killed run leaves no half file)."""
+    import llama_cpp
+
+    from actsparse.cache import cache_dir
+
     ftype, tag = FTYPES[dtype]
-    target = cache_dir() / "gguf" / f"{source.stem}.{tag}.gguf"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype)
-        params.allow_requantize = True
-        try:
-            rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
-            if rc != 0:
-                raise RuntimeError(f"llama_model_quantize({source} -> {tag}) failed with code {rc}")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+    if source.stem.endswith(f".{tag}"):  # already in that format (a random shape's F32 source)
+        return source
+    target = cache_dir() / "gguf" / f"{source.stem.removesuffix('.F32')}.{tag}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.allow_requantize = True
+    try:
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({source} -> {tag}) failed with code {rc}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
+
+
+def gguf_bytes_per_token(path: Path) -> dict:
+    """The weight bytes llama.cpp reads per decoded token, from the file's own tensor sizes.
+
+    Counted as actsparse counts its engines (``bytes_per_token``: block linears + lm_head):
+    ``block_linears``, every ``blk.<i>.{attn_q,k,v,output, ffn_gate,up,down}`` tensor in full;
+    ``lm_head``, ``output.weight`` in full, or, when the model has none (a tied embedding),
+    ``token_embd.weight`` in full, since llama.cpp then multiplies by it as the output matrix
+    (it is counted once, as the head). Listed beside but not in ``total``: ``embedding_row`` (the
+    one row of ``token_embd`` looked up per token) and ``norms`` (the 1-D gains)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    blocks = [t for n, t in tensors.items() if n.startswith("blk.") and n.split(".")[2] in BLOCK_LINEARS]
+    embd = tensors["token_embd.weight"]
+    tied = "output.weight" not in tensors
+    head = embd if tied else tensors["output.weight"]
+    types: dict[str, int] = {}
+    for t in blocks + [head]:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    block_b, head_b = sum(int(t.n_bytes) for t in blocks), int(head.n_bytes)
+    return {"total": float(block_b + head_b), "block_linears": float(block_b), "lm_head": float(head_b),
+            "tied_embedding": tied, "lm_head_type": head.tensor_type.name,
+            "block_linear_types": sorted({t.tensor_type.name for t in blocks}), "bytes_by_type": types,
+            "embedding_row": float(embd.n_bytes) / int(embd.shape[-1]),
+            "norms": float(sum(int(t.n_bytes) for t in tensors.values() if len(t.shape) == 1)),
+            "counted": "block linears + output matrix (the tied token_embd once, as the head)"}
 
 
 class LlamaCppEngine:

@@ -188,7 +188,10 @@ in a random order in every repeat:
   hf-sparse    model.generate after accelerate_ (sparse kernels per linear)
   fast-dense   actsparse FastDecoder, dense (one compiled call per token)
   fast-sparse  FastDecoder on the sparsified model
-  llama-cpp    llama.cpp on the same weights (embedded models, when llama-cpp-python is installed)
+  llama-cpp    llama.cpp on the same weights, F32 / BF16 (embedded models and the random LLaMA
+               shapes, when llama-cpp-python is installed)
+  llama-cpp-q8_0 / llama-cpp-q4_0  with --weights int8 / q4: llama.cpp on the same source file
+               requantised by llama.cpp to Q8_0 / Q4_0, bytes per token from the file's tensors
   fast-dense-F / fast-sparse-F  with --weights int8 / q4: FastDecoder dense and sparse on its own
                RTN-quantised copy in format F (sparse: input-sparse linears packed transposed),
                bytes per token the format's real bytes (codes + scales + mins)
@@ -228,7 +231,9 @@ Writes JSON to --out and a .png next to it.""",
                         "bf16,int8,q4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
-                   help="time llama.cpp too on the embedded models (their own GGUF requantised to F32 / BF16): "
+                   help="time llama.cpp too on the embedded models (their own GGUF requantised to F32 / BF16, and "
+                        "Q8_0 / Q4_0 with --weights int8 / q4) and the random LLaMA shapes (a GGUF written from "
+                        "their tensors): "
                         "auto = when llama-cpp-python is installed (an optional build, see the README)")
     p.add_argument("--out", default=str(DEFAULT_OUT / "decode.json"),
                    help=f"JSON output path (default {DEFAULT_OUT / 'decode.json'}; the committed result is "
@@ -271,15 +276,27 @@ def print_decode_table(result) -> None:
                          for e in ("hf-dense", "hf-sparse", "fast-dense", "fast-sparse"))
         read = g.get("read_GBps", {}).get("best")  # absent in results from before the probe
         of_read = g.get("of_read_bandwidth", {}).get("fast-dense")
-        llama = g["engines"].get("llama-cpp")
         print(f"{g['model']:>14} {g['dtype']:>8} {g['threads']:>3} {cells} {g['speedup']:>7.2f} "
               f"{g['amdahl_ceiling']:>7.2f} {g['fraction_of_ceiling']:>7.2f} "
               f"{read if read is None else format(read, '.1f'):>9} {of_read if of_read is None else format(of_read, '.2f'):>13}"
-              + (f"  llama.cpp {llama['median']:.1f}" if llama else ""))
+              + _llama_cells(g["engines"], g.get("llama_cpp")))
         for fmt, q in g.get("quantized", {}).items():
-            dense, sparse = (q["engines"][e]["median"] for e in q["engines"])
+            dense, sparse = (q["engines"][f"fast-{k}-{fmt}"]["median"] for k in ("dense", "sparse"))
             print(f"{'':>14} {fmt:>8} {g['threads']:>3} {'':>11} {'':>11} {dense:>11.1f} {sparse:>11.1f} "
-                  f"{q['speedup']:>7.2f} {q['amdahl_ceiling']:>7.2f} {q['fraction_of_ceiling']:>7.2f}")
+                  f"{q['speedup']:>7.2f} {q['amdahl_ceiling']:>7.2f} {q['fraction_of_ceiling']:>7.2f}"
+                  f"{'':>24}" + _llama_cells(q["engines"], q.get("llama_cpp")))
+
+
+def _llama_cells(engines: dict, summary: dict | None) -> str:
+    """"  llama.cpp <format> <tok/s> (<GB/s>), dense / sparse vs llama.cpp <x> / <x>" where it ran."""
+    if summary is None:  # none, or a result from before the summaries: the plain median if any
+        llama = engines.get("llama-cpp")
+        return f"  llama.cpp {llama['median']:.1f}" if llama else ""
+    s = summary
+    gbps = f" ({s['effective_GBps']:.1f} GB/s)" if "effective_GBps" in s else ""
+    fmt = f"{s['format']} " if s.get("format") else ""
+    return (f"  llama.cpp {fmt}{engines[s.get('engine', 'llama-cpp')]['median']:.1f}{gbps}, "
+            f"dense / sparse vs llama.cpp {s['fast_dense_vs_llama_cpp']:.2f}x / {s['fast_sparse_vs_llama_cpp']:.2f}x")
 
 
 # benchmarks in --help order; add new ones here
