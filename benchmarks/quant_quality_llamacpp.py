@@ -62,7 +62,8 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", default="float32,q8_0,q4_0")
-    ap.add_argument("--out", default="actsparse-out/quant-quality-smollm2-135m-llamacpp.json")
+    ap.add_argument("--out", default="actsparse-out/quant-quality-smollm2-135m-llamacpp.json",
+                    help="JSON output (default: %(default)s)")
     args = ap.parse_args()
     from actsparse.io import write_json
     from actsparse.provenance import git_dirty, git_hash, machine_info

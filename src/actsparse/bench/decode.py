@@ -108,7 +108,7 @@ def llama_source(name: str, model, seed: int = 0):
             return None
         from actsparse.bench.llama_gguf import synthetic_gguf
 
-        return synthetic_gguf(name, model, seed)
+        return synthetic_gguf(name, model, seed, SYNTHETIC[name][2])
     if name not in EMBEDDED or name == "minilm":
         return None
     return embedded_gguf(name)

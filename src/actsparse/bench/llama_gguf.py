@@ -129,18 +129,18 @@ def write_llama_gguf(model, path: Path, tokenizer_gguf: Path) -> Path:
     return path
 
 
-def synthetic_gguf(name: str, model, seed: int) -> Path:
-    """The F32 GGUF of the random-weight shape ``name`` built with ``seed`` (``model``: that very
-    model, fp32), written once into the cache under a key of the name, seed and config."""
-    from actsparse.bench.decode import SYNTHETIC
+def synthetic_gguf(name: str, model, seed: int, config: dict) -> Path:
+    """The F32 GGUF of the random-weight LLaMA shape ``name`` (its HF ``config`` fields) built with
+    ``seed`` (``model``: that very model, fp32), written once into the cache under a key of the
+    name, seed and config."""
     from actsparse.cache import cache_dir
     from actsparse.models.loading import embedded_gguf
 
-    if name not in SYNTHETIC or SYNTHETIC[name][0] != "LlamaForCausalLM":
-        raise ConfigError(f"{name!r} is not a random-weight LLaMA shape of the decode benchmark")
+    if model.config.model_type != "llama":
+        raise ConfigError(f"{name!r} is not a LLaMA model ({model.config.model_type}); the GGUF writer writes LLaMA")
     if next(model.parameters()).dtype != torch.float32:
         raise ConfigError("write the GGUF from the fp32 model, before it is cast")
-    key = hashlib.sha256(json.dumps([name, seed, SYNTHETIC[name][2]], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([name, seed, config], sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"random-{name}-seed{seed}-{key}.F32.gguf"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
