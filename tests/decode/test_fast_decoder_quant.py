@@ -120,6 +120,28 @@ def test_shared_buffers_and_lm_head():
     assert mem["resident_weight_bytes"] == mem["model_weight_bytes"] and mem["resident_ratio"] <= 1.05
 
 
+def test_an_int8_lm_head_beside_q4_block_linears():
+    """The lm_head in its own format (llama.cpp's Q4_0 files keep an 8-bit head): shared from the
+    model's QuantLinear and in the decoder's own copy, each against the dequantised reference."""
+    model = tiny_llama(**SHAPE)
+    quantize_(model, Q4Config(transposed=ALL, lm_head=True, head_format="int8"))
+    assert model.lm_head.fmt == "int8" and model.model.layers[0].mlp.up_proj.fmt == "q4"
+    install(model, "channel_mask", np.random.default_rng(1))
+    ids = torch.tensor([3, 17, 5, 99])
+    dec = FastDecoder(model, max_len=8)
+    assert np.shares_memory(dec._args.emb.lm_head[0], model.lm_head.codes.numpy())
+    np.testing.assert_allclose(steps(dec, ids), reference_logits(model, ids), rtol=0, atol=2e-4)
+    assert dec.plan.weight_bytes()["lm_head"] == model.lm_head.quant_weight().nbytes
+
+    fp = tiny_llama(**SHAPE)
+    own = FastDecoder(fp, max_len=8, dense=True, weights=Q4Config(lm_head=True, head_format="int8"))
+    ref = tiny_llama(**SHAPE)
+    quantize_(ref, Q4Config(lm_head=True, head_format="int8"))
+    np.testing.assert_allclose(steps(own, ids), reference_logits(ref, ids), rtol=0, atol=2e-4)
+    with pytest.raises(ConfigError, match="set lm_head=True"):
+        Q4Config(head_format="int8")
+
+
 def test_refusals_name_the_problem(tmp_path):
     rows = tiny_llama(**SHAPE)
     quantize_(rows, Q4Config())  # every linear in the rows layout

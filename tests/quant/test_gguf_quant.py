@@ -169,12 +169,25 @@ def test_refuses_int8_and_q4_mixed(tmp_path):
     assert _untouched(model)
 
 
-def test_refuses_an_lm_head_of_another_format(tmp_path):
+def test_an_lm_head_of_another_format_loads_in_its_own_format(tmp_path):
+    """llama.cpp keeps an 8-bit head beside 4-bit block linears (SmolLM2's file: Q8_0 and Q4_1);
+    the head loads as int8, the blocks as q4, and FastDecoder decodes the mix."""
+    from actsparse.decode import FastDecoder
+
     model = tiny_llama()
-    write_tiny_gguf(tmp_path / "m.gguf", model, T.Q4_1, head_type=T.Q8_0)
-    with pytest.raises(UnsupportedError, match=r"Q8_0 \(int8\) and the block linears are q4"):
-        load_gguf_quantized_(model, tmp_path / "m.gguf", lm_head=True)
-    assert _untouched(model)
+    raw = write_tiny_gguf(tmp_path / "m.gguf", model, T.Q4_1, head_type=T.Q8_0)
+    desc = load_gguf_quantized_(model, tmp_path / "m.gguf", lm_head=True)
+    head = model.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and head.fmt == INT8
+    assert torch.equal(head.weight, torch.from_numpy(gguf.quants.dequantize(*raw["lm_head"])))
+    assert desc["config"]["format"] == Q4 and desc["config"]["head_format"] == INT8
+    assert {v["format"] for p, v in desc["linears"].items() if p != "lm_head"} == {Q4}
+    ids = torch.tensor([3, 17, 5, 9])
+    dec = FastDecoder(model, max_len=8)
+    got = np.stack([dec.step(int(t)).copy() for t in ids])
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0].numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4)
 
 
 def test_refuses_another_models_file(tmp_path):

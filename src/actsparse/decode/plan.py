@@ -299,7 +299,7 @@ class DecodePlan:
         if isinstance(head, QuantLinear):
             return head.quant_weight().nbytes
         if self.own_quant is not None and self.own_quant.lm_head:
-            return quant_nbytes(tuple(head.weight.shape), self.own_quant.fmt)
+            return quant_nbytes(tuple(head.weight.shape), self.own_quant.head_fmt)
         return _nbytes(head.weight)
 
     def format_weight_bytes(self) -> int:
@@ -426,7 +426,7 @@ class DecodePlan:
                                        "densely (rows layout): quantise it with lm_head=True (rows)")
             return qw, 0
         if self.own_quant is not None and self.own_quant.lm_head:
-            qw = quantize_weight(head.weight.detach(), self.own_quant.fmt, ROWS)
+            qw = quantize_weight(head.weight.detach(), self.own_quant.head_fmt, ROWS)
             return qw, qw.nbytes
         return head.weight.detach(), 0
 
@@ -625,11 +625,7 @@ def _block_quant_format(layers: list[LayerPlan], model, own) -> str | None:
         raise UnsupportedError(f"the block linears mix the formats {sorted(fmts)}; quantise them in one format")
     if not n_quant and own is not None:
         return own.fmt
-    head = model.get_output_embeddings()
-    if isinstance(head, QuantLinear) and head.fmt not in fmts:
-        raise UnsupportedError(f"the lm_head is quantised ({head.fmt}) but the block linears are "
-                               f"{', '.join(sorted(fmts)) or 'not'}; quantise them in the head's format")
-    return fmts.pop() if fmts else None
+    return fmts.pop() if fmts else None  # the lm_head may be in any format: it is its own step argument
 
 
 def _check_layouts(layer: LayerPlan) -> None:

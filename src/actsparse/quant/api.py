@@ -134,12 +134,14 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=N
         records = search_and_fold(model, smap, rows, config.fmt, targets, config.alpha_grid)
     from tqdm.auto import tqdm
 
+    head = model.get_output_embeddings() if config.lm_head else None
+    fmt_of = {p: config.head_fmt if model.get_submodule(p) is head else config.fmt for p in targets}
     for path, layout in tqdm(targets.items(), desc=f"quantise {config.fmt}", unit="linear", disable=not progress):
-        q = QuantLinear.from_linear(model.get_submodule(path), config.fmt, layout)
+        q = QuantLinear.from_linear(model.get_submodule(path), fmt_of[path], layout)
         swap_module(model, path, q, owner=OWNER)
     desc = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config.to_dict(), "model": identity,
-            "linears": {p: {"format": config.fmt, "layout": lay, "shape": [model.get_submodule(p).out_features,
-                                                                          model.get_submodule(p).in_features]}
+            "linears": {p: {"format": fmt_of[p], "layout": lay, "shape": [model.get_submodule(p).out_features,
+                                                                         model.get_submodule(p).in_features]}
                         for p, lay in targets.items()},
             "awq": records, "layouts_from_plan": None if plan is None else str(plan)}
     object.__setattr__(model, STATE_ATTR, desc)

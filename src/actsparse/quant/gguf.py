@@ -248,14 +248,16 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
         head_path = next(p for p, m in model.named_modules() if m is head)
     block_paths = [p for p in targets if p != head_path]
     fmt = _check_types(by_path, block_paths)
+    head_fmt = None
     if head_path is not None:
         t = by_path[head_path].tensor_type.name
-        if t not in LOADABLE or LOADABLE[t][0] != fmt:
-            have = f"{t} ({LOADABLE[t][0]})" if t in LOADABLE else t
-            raise UnsupportedError(f"lm_head=True but the file's LM head ({names[head_path]}) is {have} and the block "
-                                   f"linears are {fmt}; FastDecoder reads the head in the block linears' format: "
-                                   "leave lm_head=False (the head stays the dense weight dequantised from the file)")
-    config = CONFIGS[fmt](lm_head=lm_head, transposed=probe.transposed)
+        if t not in LOADABLE:
+            raise UnsupportedError(f"lm_head=True but the file's LM head ({names[head_path]}) is {t}; loadable: "
+                                   f"{', '.join(LOADABLE)}. Leave lm_head=False (the head stays the dense weight "
+                                   "dequantised from the file)")
+        head_fmt = LOADABLE[t][0]
+    config = CONFIGS[fmt](lm_head=lm_head, head_format=head_fmt if head_fmt != fmt else None,
+                          transposed=probe.transposed)
     identity = weights_identity(model)
     permute = arch in PERMUTED_QK_ARCHS
     cfg = model.config
@@ -281,9 +283,9 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
                             f"{MAX_RELATIVE_ERROR}): the file is not this model's; load the dense model of this "
                             f"file (asp.load({str(path)!r}))")
         if layout == TRANSPOSED:
-            qw = quantize_weight(qw.dequantize(), fmt, TRANSPOSED)  # other blocks: a re-rounding of the file's values
+            qw = quantize_weight(qw.dequantize(), qw.fmt, TRANSPOSED)  # other blocks: a re-rounding of the file's values
             requantised.append(p)
-        q = QuantLinear(fmt, layout, *shape, bias=old.bias is not None)
+        q = QuantLinear(qw.fmt, layout, *shape, bias=old.bias is not None)
         q.codes, q.scales = qw.codes, qw.scales
         if qw.mins is not None:
             q.mins = qw.mins
@@ -297,7 +299,8 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
     for p, q in built.items():  # swap only once every tensor converted and checked
         swap_module(model, p, q, owner=OWNER)
     desc = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config.to_dict(), "model": identity,
-            "linears": {p: {"format": fmt, "layout": lay, "shape": [built[p].out_features, built[p].in_features]}
+            "linears": {p: {"format": built[p].fmt, "layout": lay,
+                            "shape": [built[p].out_features, built[p].in_features]}
                         for p, lay in targets.items()},
             "awq": {}, "layouts_from_plan": None if plan is None else str(plan),
             "gguf": {"file": str(path), "types": dict(Counter(by_path[p].tensor_type.name for p in targets)),
