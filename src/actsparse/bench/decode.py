@@ -178,7 +178,7 @@ def _summary(xs: list[float]) -> dict:
 
 
 def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: int, prompt_tokens: int,
-                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None, quant=(),
+                repeats: int, rng: random.Random, sparsify, progress=None, llama_gguf=None, quant=(), quant_head="int8",
                 llama_quant=None) -> dict:
     """Time every engine on ``model`` (sparsified by ``sparsify()`` when needed); with
     ``llama_gguf`` (the same weights as a GGUF file) llama.cpp too; with ``quant`` (int8, q4)
@@ -200,8 +200,9 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
     decoders = {"fast-dense": fast_dense, "fast-sparse": fast_sparse}
     for fmt in quant:
         qd, qs = quant_engines(fmt)
-        decoders[qd] = FastDecoder(model, max_len=max_len, dense=True, weights=fmt)
-        decoders[qs] = FastDecoder(model, max_len=max_len, weights=fmt)
+        cfg = quant_config(fmt, quant_head)
+        decoders[qd] = FastDecoder(model, max_len=max_len, dense=True, weights=cfg)
+        decoders[qs] = FastDecoder(model, max_len=max_len, weights=cfg)
     for d in decoders.values():  # compile / warm up
         d.generate(ids, 4)
     state = {"hf": None}
@@ -275,7 +276,8 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         out.update(speedup=speedup, amdahl_ceiling=ceiling, fraction_of_ceiling=speedup / ceiling)
     if "hf-sparse" in stats and "hf-dense" in stats:
         out["hf_speedup"] = stats["hf-sparse"]["median"] / stats["hf-dense"]["median"]
-    out["quantized"] = {fmt: _quant_summary(fmt, decoders, stats, read["best"]) for fmt in quant}
+    out["quantized"] = {fmt: _quant_summary(fmt, decoders, stats, read["best"]) | {"lm_head_format": quant_head_format(fmt, quant_head)}
+                        for fmt in quant}
     for fmt in quant:
         e = llama_engine(fmt)
         if e in stats:
@@ -317,6 +319,25 @@ def _quant_summary(fmt: str, decoders: dict, stats: dict, read_best: float) -> d
                     "with its input-sparse linears transposed (other blocks, so slightly other values)"}
 
 
+QUANT_HEADS = ("int8", "same", "dense")
+
+
+def quant_head_format(fmt: str, quant_head: str) -> str | None:
+    """The lm_head's format of the ``fmt`` engines: int8 (as llama.cpp's Q8_0 and SmolLM2 Q4_0 files
+    keep it), the blocks' own format, or None (the dtype's dense head)."""
+    if quant_head not in QUANT_HEADS:
+        raise ConfigError(f"--quant-head must be one of {', '.join(QUANT_HEADS)}, not {quant_head!r}")
+    return {"int8": "int8", "same": fmt, "dense": None}[quant_head]
+
+
+def quant_config(fmt: str, quant_head: str):
+    """The own-copy config of the ``fmt`` engines (RTN) with the lm_head as ``quant_head`` says."""
+    from actsparse.quant.config import CONFIGS
+
+    head = quant_head_format(fmt, quant_head)
+    return CONFIGS[fmt](lm_head=head is not None, head_format=head if head not in (None, fmt) else None)
+
+
 def parse_weights(weights, dtypes) -> tuple[str, ...]:
     """The quantised formats of ``--weights`` (bf16 / fp32 name the --dtypes engines, which always run)."""
     quant = []
@@ -335,7 +356,7 @@ def parse_weights(weights, dtypes) -> tuple[str, ...]:
 def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat16", "float32"), threads=(1, 2),
         new_tokens: int = 64, prompt_tokens: int = 32, repeats: int = 5, calib_tokens: int = 1024,
         hf_max_params: float = 3e8, seed: int = 0, progress: bool = True, llama_cpp: bool | None = None,
-        weights=()) -> dict:
+        weights=(), quant_head: str = "int8") -> dict:
     """The decode benchmark over ``models`` (names: embedded, HF, or ``llama-1.1b``). ``method``
     "none": no plan, the natural sparsity of a ReLU model (its exact zeros) against dense.
     ``llama_cpp``: time llama.cpp on the embedded models too (None: when llama-cpp-python is
@@ -344,6 +365,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
     from actsparse.bench import llamacpp
 
     quant = parse_weights(weights, dtypes)
+    quant_head_format("int8", quant_head)  # refuse a bad value before any work
     if quant and method == "none":
         raise ConfigError("--weights int8/q4 compare dense and sparse decoders on a plan; give --method")
 
@@ -385,7 +407,8 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
             for th in threads:
                 g = bench_group(model, tok, dtype=dt, threads=th, engines=engines, new_tokens=new_tokens,
                                 prompt_tokens=prompt_tokens, repeats=repeats, rng=rng, sparsify=do_sparsify,
-                                progress=bar, llama_gguf=gguf, quant=quant, llama_quant=llama_quant)
+                                progress=bar, llama_gguf=gguf, quant=quant, llama_quant=llama_quant,
+                                quant_head=quant_head)
                 g.update(model=name, parameters=n_params)
                 groups.append(g)
         del model, stats
@@ -398,7 +421,7 @@ def run(models, *, method: str = "teal", sparsity: float = 0.5, dtypes=("bfloat1
                        "prompt_tokens": prompt_tokens, "repeats": repeats, "calibration_tokens": calib_tokens,
                        "calibration_data": "wiki calibration split (ids modulo the vocabulary)",
                        "hf_engines_up_to_params": hf_max_params, "seed": seed, "llama_cpp": llama_cpp,
-                       "quantized_weights": list(quant)},
+                       "quantized_weights": list(quant), "quantized_lm_head": quant_head},
             "wall_s": time.perf_counter() - t0, "groups": groups}
 
 

@@ -229,6 +229,10 @@ Writes JSON to --out and a .png next to it.""",
                    help="weight formats: bf16 / fp32 (the --dtypes engines, always run), int8, q4 (add the fast "
                         "engines on each quantised format, same runs). Example: --dtypes bfloat16 --weights "
                         "bf16,int8,q4")
+    p.add_argument("--quant-head", choices=["int8", "same", "dense"], default="int8",
+                   help="the lm_head of the int8 / q4 engines: int8 (default; llama.cpp's Q8_0 files and "
+                        "SmolLM2's Q4_0 keep an 8-bit head; a q4 head costs SmolLM2 +6%% perplexity), same (the "
+                        "blocks' format), dense (the --dtypes head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
                    help="time llama.cpp too on the embedded models (their own GGUF requantised to F32 / BF16, and "
@@ -261,7 +265,8 @@ def _run_decode(args) -> int:
                     threads=args.threads, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                     repeats=args.repeats, calib_tokens=args.calib_tokens, hf_max_params=args.hf_max_params,
                     seed=args.seed, progress=not args.no_progress,
-                    llama_cpp={"auto": None, "on": True, "off": False}[args.llama_cpp], weights=args.weights)
+                    llama_cpp={"auto": None, "on": True, "off": False}[args.llama_cpp], weights=args.weights,
+                    quant_head=args.quant_head)
     _save(result, args, bd.plot)
     print_decode_table(result)
     return 0
