@@ -58,6 +58,20 @@ def _targets(model: nn.Module, smap, cfg: QuantConfig) -> dict[str, str]:
     return out
 
 
+def quantisable_site_map(model: nn.Module, what: str):
+    """The site map of a dense, not yet quantised ``model`` (which linears are block linears), or
+    the refusal that names the problem; ``what`` names the caller in the message."""
+    from actsparse.models.sitemaps import site_map
+
+    if has(model, OWNER) or STATE_ATTR in model.__dict__:
+        raise StateError("the model is already quantised; load the dense model again to quantise it differently")
+    smap = site_map(model, warn=False)
+    if smap.family == "generic":
+        raise UnsupportedError(f"{what} needs an architecture site map (which linears are block linears); "
+                               "this model has none: add its family to models/sitemaps.py")
+    return smap
+
+
 def calibration_rows(model: nn.Module, windows, sample_rows: int, smap=None) -> dict:
     """The AWQ inputs: up to ``sample_rows`` token rows at each linear group's input, every layer."""
     from actsparse.models.sitemaps import site_map
@@ -101,16 +115,10 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=N
     it reads input-sparsely are packed in the transposed layout (one copy, in the layout
     FastDecoder reads; load the plan into the quantised model afterwards)."""
     from actsparse.models.loading import weights_identity
-    from actsparse.models.sitemaps import site_map
 
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be an Int8Config or Q4Config, got {type(config).__name__}")
-    if has(model, OWNER) or STATE_ATTR in model.__dict__:
-        raise StateError("the model is already quantised; load the dense model again to quantise it differently")
-    smap = site_map(model, warn=False)
-    if smap.family == "generic":
-        raise UnsupportedError("quantize_ needs an architecture site map (which linears are block linears); "
-                               "this model has none: add its family to models/sitemaps.py")
+    smap = quantisable_site_map(model, "quantize_")
     identity = weights_identity(model)
     if plan is not None:
         roles = plan_layouts(model, plan)

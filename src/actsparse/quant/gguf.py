@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actsparse.errors import DataError, ModelNotFoundError, StateError, UnsupportedError
+from actsparse.errors import DataError, ModelNotFoundError, UnsupportedError
 from actsparse.kernels.quant_formats import BLOCK, INT8, Q4, ROWS, TRANSPOSED, QuantWeight, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -214,23 +214,18 @@ def load_gguf_quantized_(model: nn.Module, gguf_path, *, lm_head: bool = False, 
     """Replace every block linear of ``model`` (the dense model ``asp.load`` gives for the same
     file) with a QuantLinear holding the file's own codes / scales / mins; in place. Returns the
     description :func:`~actsparse.quant.save_quantized` writes. ``lm_head``: load the output
-    head too (its GGUF type must give the block linears' format). ``plan`` / ``transposed``:
+    head too, in its own format (SmolLM2's Q8_0 head as int8 beside q4 block linears). ``plan`` / ``transposed``:
     the linears read input-sparsely are requantised transposed from the file's values (lossy,
     logged). Refuses another model's file, unsupported GGUF types and mixed formats."""
     from actsparse.models.loading import weights_identity
-    from actsparse.models.sitemaps import LINEAR_ROLES, site_map
-    from actsparse.models.swap import has, swap_module
-    from actsparse.quant.api import FILE_FORMAT, FILE_VERSION, OWNER, _targets, plan_layouts
+    from actsparse.models.sitemaps import LINEAR_ROLES
+    from actsparse.models.swap import swap_module
+    from actsparse.quant.api import FILE_FORMAT, FILE_VERSION, OWNER, _targets, plan_layouts, quantisable_site_map
     from actsparse.quant.config import CONFIGS
     from actsparse.quant.modules import STATE_ATTR, QuantLinear
 
     path = Path(os.path.expanduser(str(gguf_path)))
-    if has(model, OWNER) or STATE_ATTR in model.__dict__:
-        raise StateError("the model is already quantised; load the dense model again")
-    smap = site_map(model, warn=False)
-    if smap.family == "generic":
-        raise UnsupportedError("loading GGUF tensors needs an architecture site map (which linears are block "
-                               "linears); this model has none: add its family to models/sitemaps.py")
+    smap = quantisable_site_map(model, "loading GGUF tensors")
     reader = _open(path)
     arch = _check_model(model, reader, path, smap)
     roles = set(transposed)
