@@ -81,7 +81,7 @@ def test_quantised_inner_loops_use_packed_ymm_fma(fmt):
         assert re.findall(r"vfmadd\w*ps[^\n]*%[yz]mm", asm), f"{name}: no packed FMA in the assembly"
         assert re.search(r"vcvtdq2ps[^\n]*%[yz]mm", asm), f"{name}: the code -> fp32 conversion is not vectorised"
         # codes loaded as vectors, not inserted byte by byte: written as blocks with an inner loop
-        # of 32, LLVM once vectorised the loop over blocks instead and the dot ran 8-10x slower
+        # of 32, LLVM once vectorised the loop over blocks instead and the dot took 6-9x longer
         assert "vpinsrb" not in asm, f"{name}: codes gathered byte by byte (the loop over blocks was vectorised)"
         if fmt == "int8":
             assert re.search(r"vpmovsxbd[^\n]*%[yz]mm", asm), f"{name}: int8 widening is not vectorised"

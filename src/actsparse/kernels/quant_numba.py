@@ -87,9 +87,9 @@ def q4_prepare(xf):
 
 # The row dots are one flat loop over the row with the block's scale looked up per element
 # (``c[k >> 5]``): written as blocks with an inner loop of 32, LLVM vectorises the loop over the
-# blocks instead (gathers of codes 32 bytes apart) and the kernel ran 8-10x slower than bf16
-# (measured here, AMD EPYC, SmolLM2's linears, cold, one thread: int8 2.4 -> 25 GB/s, q4 2.3 ->
-# 18.5 GB/s of codes + scales + mins).
+# blocks instead (gathers of codes 32 bytes apart) and the kernel took 6-9x longer per token
+# than bf16 (measured here, AMD EPYC, SmolLM2's linears, cold, one thread: int8 2.4 -> 25 GB/s,
+# q4 2.3 -> 18.5 GB/s of codes + scales + mins).
 @njit(inline="always", **JIT)
 def i8_dot(codes, scales, i, xf):
     """Row i of an int8 matrix . xf."""
