@@ -226,8 +226,7 @@ def bench_group(model, tok, *, dtype: str, threads: int, engines, new_tokens: in
         return lambda dec=decoders[engine]: _fast_run(dec, ids, new_tokens)
 
     runners = {e: runner(e) for e in list(engines) + [e for f in quant for e in quant_engines(f)]}
-    llama_files = dict(llama_quant or {})  # engine -> GGUF file
-    llama_files = {llama_engine(f): path for f, path in llama_files.items()}
+    llama_files = {llama_engine(f): path for f, path in (llama_quant or {}).items()}  # engine -> GGUF file
     if llama_gguf is not None:
         llama_files[LLAMA_CPP] = llama_gguf
         engines = list(engines) + [LLAMA_CPP]
@@ -335,7 +334,7 @@ def quant_config(fmt: str, quant_head: str):
     from actsparse.quant.config import CONFIGS
 
     head = quant_head_format(fmt, quant_head)
-    return CONFIGS[fmt](lm_head=head is not None, head_format=head if head not in (None, fmt) else None)
+    return CONFIGS[fmt](lm_head=head is not None, head_format=head)
 
 
 def parse_weights(weights, dtypes) -> tuple[str, ...]:

@@ -85,6 +85,15 @@ def q4_prepare(xf):
     return xq
 
 
+@njit(inline="always", **JIT)
+def prepare_x(xf, mins):
+    """What the row dots of a weight with these ``mins`` read besides ``xf``: q4's
+    :func:`q4_prepare` (mins present), nothing for int8 (an empty (0, 0) mins)."""
+    if mins.shape[0] > 0:
+        return q4_prepare(xf)
+    return np.empty(0, np.float32)
+
+
 # The row dots are one flat loop over the row with the block's scale looked up per element
 # (``c[k >> 5]``): written as blocks with an inner loop of 32, LLVM vectorises the loop over the
 # blocks instead (gathers of codes 32 bytes apart) and the kernel took 6-9x longer per token
@@ -307,7 +316,7 @@ def q_dense_gemv(x, codes, scales, mins, out, nthreads):
     """Dense out = W @ x on the rows layout (rows split over threads)."""
     M = scales.shape[0]
     xf = widen(x)
-    xq = q4_prepare(xf)
+    xq = prepare_x(xf, mins)
     idx = np.arange(M)
     _q_rows_out(xf, xq, codes, scales, mins, idx, np.empty(0, np.float32), M, False, out, nthreads)
 
@@ -318,7 +327,7 @@ def q_output_sparse_gemv(x, codes, scales, mins, sel, use_scale, out, nthreads):
     sel: (M,) float32 values or uint8 mask. Returns the number of active rows."""
     M = scales.shape[0]
     xf = widen(x)
-    xq = q4_prepare(xf)
+    xq = prepare_x(xf, mins)
     idx = np.empty(M, np.int64)
     vals = np.empty(M, np.float32)
     n = 0
@@ -335,7 +344,7 @@ def q_output_sparse_gemv(x, codes, scales, mins, sel, use_scale, out, nthreads):
 def q_output_sparse_gemv_rows(x, codes, scales, mins, rows, out, nthreads):
     """out[i] = W[i] . x for i in rows (int64, in range), 0 elsewhere (rows layout)."""
     xf = widen(x)
-    xq = q4_prepare(xf)
+    xq = prepare_x(xf, mins)
     n = rows.shape[0]
     _q_rows_out(xf, xq, codes, scales, mins, rows, np.empty(0, np.float32), n, False, out, nthreads)
     return n
@@ -383,7 +392,7 @@ def q_gated_mlp(x, gc, gs, gm, uc, us, um, dc, ds, dm, thr, ts, act_code, out, n
     neuron i kept iff |a_i| > thr[i*ts]; h_i = a_i (W_up[i] . x); out = sum_i h_i W_down^T[i, :]."""
     F = gs.shape[0]
     xf = widen(x)
-    xq = q4_prepare(xf)
+    xq = prepare_x(xf, gm)
     a = np.empty(F, np.float32)
     _q_gate_act(xf, xq, gc, gs, gm, act_code, a, nthreads)
     idx = np.empty(F, np.int64)

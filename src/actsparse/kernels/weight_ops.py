@@ -15,13 +15,12 @@ a (0, 0) placeholder has 0 rows.
 from __future__ import annotations
 
 import actsparse.numba_backend  # noqa: F401  (cache directory set before numba loads)
-import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
 from actsparse.kernels.primitives import JIT, accumulate_rows, chunk, dot_range, dot_rows, sparse_rows_matvec
-from actsparse.kernels.quant_numba import (B, _q_sparse_rows_matvec, i8_dot, q4_dot, q4_prepare, qaccumulate_rows,
-                                           qdot_rows)
+from actsparse.kernels.quant_numba import (B, _q_sparse_rows_matvec, i8_dot, prepare_x, q4_dot, q4_prepare,
+                                           qaccumulate_rows, qdot_rows)
 
 __all__ = ["m_rows", "m_cols", "m_bytes", "m_row_bytes", "dense_range", "rows_dot", "accumulate", "accumulate_parallel"]
 
@@ -122,7 +121,7 @@ def _rows_dot(w, rows, k0, k1, xf, res):
         return lambda w, rows, k0, k1, xf, res: dot_rows(w, rows, k0, k1, xf, res)
 
     def impl(w, rows, k0, k1, xf, res):
-        xq = q4_prepare(xf) if w[2].shape[0] > 0 else np.empty(0, np.float32)
+        xq = prepare_x(xf, w[2])
         qdot_rows(w[0], w[1], w[2], rows, k0, k1, xf, xq, res)
 
     return impl
