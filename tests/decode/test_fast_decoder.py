@@ -236,6 +236,30 @@ def test_dense_greedy_generation_equals_model_generate(real, request):
         torch.set_num_threads(threads)
 
 
+def greedy_flip_check(dec, model, tok, prompts, n_tokens: int) -> tuple[int, int, int]:
+    """Greedy-decode each prompt with ``dec`` and compare every step with the reference (the
+    model's masked dense forward on the same prefix): where the two agree on the logits (1e-3)
+    the token must be the reference's argmax. Returns (onsets of disagreement, positions,
+    positions whose token is the reference's argmax) for the caller's bounds."""
+    onsets = positions = argmax_equal = 0
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids[0]
+        got = dec.generate(ids, n_tokens).tokens
+        with torch.no_grad():
+            ref = model(torch.cat([ids, torch.tensor(got)])[None]).logits[0, ids.numel() - 1:-1].numpy()
+        ours = [dec.prefill(ids).copy()] + [dec.step(t).copy() for t in got[:-1]]  # what generate saw
+        agreed_before = True
+        for i, t in enumerate(got):
+            positions += 1
+            argmax_equal += int(ref[i].argmax()) == t
+            agrees = np.abs(ours[i] - ref[i]).max() < 1e-3
+            if agrees:
+                assert int(ref[i].argmax()) == t, (prompt, i)
+            onsets += agreed_before and not agrees
+            agreed_before = agrees
+    return onsets, positions, argmax_equal
+
+
 @pytest.mark.parametrize("real", ["smollm2", "gemma3"])
 @pytest.mark.parametrize("method", ["teal", "cats"])
 def test_greedy_generation_on_real_models_equals_reference_sparse_path(real, method, request):
@@ -262,22 +286,8 @@ def test_greedy_generation_on_real_models_equals_reference_sparse_path(real, met
     torch.set_num_threads(1)  # one summation order per engine (2 threads: see the tiny-model tests)
     try:
         dec = FastDecoder(model, max_len=64)
-        onsets = positions = argmax_equal = 0
-        for prompt in ("The history of the city of Paris begins", "In mathematics, a group is"):
-            ids = tok(prompt, return_tensors="pt").input_ids[0]
-            got = dec.generate(ids, 20).tokens
-            with torch.no_grad():
-                ref = model(torch.cat([ids, torch.tensor(got)])[None]).logits[0, ids.numel() - 1:-1].numpy()
-            ours = [dec.prefill(ids).copy()] + [dec.step(t).copy() for t in got[:-1]]  # what generate saw
-            agreed_before = True
-            for i, t in enumerate(got):
-                positions += 1
-                argmax_equal += int(ref[i].argmax()) == t
-                agrees = np.abs(ours[i] - ref[i]).max() < 1e-3
-                if agrees:
-                    assert int(ref[i].argmax()) == t, (prompt, i)
-                onsets += agreed_before and not agrees
-                agreed_before = agrees
+        onsets, positions, argmax_equal = greedy_flip_check(
+            dec, model, tok, ("The history of the city of Paris begins", "In mathematics, a group is"), 20)
         # flips after an onset are near-ties whose count depends on torch's batched GEMM: on an Intel
         # Xeon (AMX) TEAL SmolLM2 gave 35 of 40 equal argmaxes, on an AMD EPYC >= 36
         assert onsets <= 3 and argmax_equal >= 0.8 * positions, (onsets, argmax_equal, positions)

@@ -60,19 +60,20 @@ def test_quantised_inner_loops_use_packed_ymm_fma(fmt):
     from actsparse.kernels import quant_numba as Q
 
     codes = np.zeros((8, 576), np.int8) if fmt == "int8" else np.zeros((8, 288), np.uint8)
-    scales = np.ones((8, 18), np.float32)
-    mins = np.zeros((8, 18), np.float32)
+    scales = np.full((8, 18), np.float16(1.0)).view(np.uint16)  # fp16 bits, as QuantWeight.numpy()
+    mins = np.zeros((8, 18), np.uint16)
+    cs = np.empty(18, np.float32)
     xf = np.ones(576, np.float32)
     idx = np.arange(8, dtype=np.int64)
     vals = np.ones(8, np.float32)
     acc = np.empty(576, np.float32)
     if fmt == "int8":
         dot, accum = _fresh(Q.i8_dot), _fresh(Q.i8_accumulate_rows)
-        dot(codes, scales, 0, xf)
+        dot(codes, scales, 0, xf, cs)
         accum(codes, scales, idx, vals, 0, 8, acc)
     else:
         dot, accum = _fresh(Q.q4_dot), _fresh(Q.q4_accumulate_rows)
-        dot(codes, scales, mins, 0, np.ones(594, np.float32))
+        dot(codes, scales, mins, 0, np.ones(594, np.float32), cs)
         accum(codes, scales, mins, idx, vals, 0, 8, acc)
     # the one-row dot product: what qdot_rows and the decoder's dense GEMV run
     for kernel in (dot, accum):
@@ -83,6 +84,9 @@ def test_quantised_inner_loops_use_packed_ymm_fma(fmt):
         # codes loaded as vectors, not inserted byte by byte: written as blocks with an inner loop
         # of 32, LLVM once vectorised the loop over blocks instead and the dot took 6-9x longer
         assert "vpinsrb" not in asm, f"{name}: codes gathered byte by byte (the loop over blocks was vectorised)"
+        # fp16 scales widened by the F16C instruction, not by a call to a software conversion
+        assert "vcvtph2ps" in asm and not re.search(r"call[^\n]*(extendhfsf2|h2f_ieee)", asm), \
+            f"{name}: fp16 scales not widened with vcvtph2ps"
         if fmt == "int8":
             assert re.search(r"vpmovsxbd[^\n]*%[yz]mm", asm), f"{name}: int8 widening is not vectorised"
         else:

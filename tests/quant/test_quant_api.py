@@ -105,7 +105,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, cfg):
     assert all(isinstance(model.get_submodule(p), QuantLinear) for p in model.__dict__["_actsparse_quant"]["linears"])
     save_quantized(model, tmp_path)
     desc = json.loads((tmp_path / "quant.json").read_text())
-    assert desc["version"] == 1 and desc["config"]["format"] == cfg.fmt
+    assert desc["version"] == 2 and desc["config"]["format"] == cfg.fmt
     back = load_quantized(_tiny(), tmp_path)
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys()
@@ -127,6 +127,31 @@ def test_load_refuses_another_model_and_requantising(tmp_path):
         quantize_(_tiny(), Q4Config(awq=True))
     with pytest.raises(StateError, match="not quantised"):
         save_quantized(_tiny(), tmp_path / "x")
+
+
+def test_old_versions_and_recast_scales_are_refused(tmp_path):
+    """fp16 scales are the format: a version-1 file (fp32 scales), a file whose scales are not fp16
+    and a model whose buffers were cast (model.float() casts them too) are refused, not rounded."""
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny()
+    quantize_(model, Q4Config())
+    save_quantized(model, tmp_path / "q")
+    desc = json.loads((tmp_path / "q" / "quant.json").read_text())
+    (tmp_path / "q" / "quant.json").write_text(json.dumps({**desc, "version": 1}))
+    with pytest.raises(DataError, match="version 1.*re-quantise"):
+        load_quantized(_tiny(), tmp_path / "q")
+    (tmp_path / "q" / "quant.json").write_text(json.dumps(desc))
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    key = next(k for k in state if k.endswith(".scales"))
+    state[key] = state[key].float()
+    save_file(state, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "actsparse-quantized"})
+    with pytest.raises(DataError, match="scales is torch.float32"):
+        load_quantized(_tiny(), tmp_path / "q")
+    q = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    model.float()
+    with pytest.raises(ValueError, match="re-quantise, or reload"):
+        q.quant_weight()
 
 
 def test_module_forward_is_the_dense_forward_of_the_dequantised_weight():

@@ -641,14 +641,14 @@ def _check_layouts(layer: LayerPlan) -> None:
 
 def _empty_packed(fmt: str) -> tuple:
     codes = np.empty((0, 0), np.int8 if fmt == "int8" else np.uint8)
-    return codes, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+    return codes, np.empty((0, 0), np.uint16), np.empty((0, 0), np.uint16)
 
 
 def quant_nbytes(shape, fmt: str) -> int:
     """Bytes of an (out, in) weight packed in ``fmt`` (codes + scales [+ mins]), either layout."""
     n = int(shape[0]) * int(shape[1])
     blocks = n // 32
-    return (n if fmt == "int8" else n // 2) + blocks * 4 * (1 if fmt == "int8" else 2)
+    return (n if fmt == "int8" else n // 2) + blocks * 2 * (1 if fmt == "int8" else 2)  # fp16 scales (+ mins)
 
 
 def _weight_tensors(m: nn.Module) -> list:

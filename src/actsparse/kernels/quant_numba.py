@@ -10,9 +10,11 @@ is widened in registers and reduced:
 - input-sparse accumulation (``transposed`` layout): for every active input channel k, in eight
   rows per pass, ``acc[block b] += (x_k scale_kb) * q_k[b] [+ x_k min_kb]``.
 
-Every kernel takes a weight as ``(codes, scales, mins)`` numpy arrays (``mins`` an empty
-(0, 0) float32 array for int8); the codes' dtype (int8 or uint8) picks the format at compile
-time. ``x`` is float32 or uint16 (bf16 bits), ``out`` float32 or uint16 (rounded to bf16 as
+Every kernel takes a weight as ``(codes, scales, mins)`` numpy arrays, scales and mins the
+uint16 bits of fp16 values (``mins`` an empty (0, 0) array for int8; :meth:`QuantWeight.numpy`);
+the codes' dtype (int8 or uint8) picks the format at compile time. A row dot first widens its
+row's scales into a small fp32 buffer (``cs``, one per call), so that the element loop looks
+up fp32 values as before. ``x`` is float32 or uint16 (bf16 bits), ``out`` float32 or uint16 (rounded to bf16 as
 torch does). Thresholds and selections follow :mod:`actsparse.kernels.numba_cpu`. Shapes are
 checked by the torch-facing wrappers (:mod:`actsparse.kernels.quant_dispatch`), not here.
 """
@@ -53,6 +55,19 @@ def _nibble(shift: int):
         return types.float32(v), codegen
 
     return gen
+
+
+@intrinsic
+def h2f(typingctx, v):
+    """float32 of the fp16 whose bits a uint16 holds (``vcvtph2ps`` once vectorised)."""
+    if v != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        h = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(h, ir.FloatType())
+
+    return types.float32(v), codegen
 
 
 lo4 = intrinsic(_nibble(0))  # float32 of the low nibble of a uint8
@@ -100,29 +115,39 @@ def prepare_x(xf, mins):
 # than bf16 (measured here, AMD EPYC, SmolLM2's linears, cold, one thread: int8 2.4 -> 25 GB/s,
 # q4 2.3 -> 18.5 GB/s of codes + scales + mins).
 @njit(inline="always", **JIT)
-def i8_dot(codes, scales, i, xf):
-    """Row i of an int8 matrix . xf."""
-    r, c = codes[i], scales[i]
+def row_scales(scales, i, cs):
+    """cs[:] = the fp32 values of row i's fp16 scales."""
+    c = scales[i]
+    for b in range(cs.shape[0]):
+        cs[b] = h2f(c[b])
+
+
+@njit(inline="always", **JIT)
+def i8_dot(codes, scales, i, xf, cs):
+    """Row i of an int8 matrix . xf (``cs``: an fp32 scratch of one scale per block)."""
+    r = codes[i]
+    row_scales(scales, i, cs)
     s = np.float32(0.0)
     for k in range(codes.shape[1]):
-        s += np.float32(r[k]) * xf[k] * c[k >> 5]
+        s += np.float32(r[k]) * xf[k] * cs[k >> 5]
     return s
 
 
 @njit(inline="always", **JIT)
-def q4_dot(codes, scales, mins, i, xq):
+def q4_dot(codes, scales, mins, i, xq, cs):
     """Row i of a q4 matrix . x, with ``xq = q4_prepare(x)``: low nibbles meet ``lo``, high
-    nibbles ``hi``; plus min * (the block sums of x)."""
-    r, c, m = codes[i], scales[i], mins[i]
+    nibbles ``hi``; plus min * (the block sums of x). ``cs``: as :func:`i8_dot`."""
+    r, m = codes[i], mins[i]
+    row_scales(scales, i, cs)
     half = codes.shape[1]
     xl, xh, xs = xq[:half], xq[half:2 * half], xq[2 * half:]
     s = np.float32(0.0)
     for kb in range(half):
         w = r[kb]
-        s += (lo4(w) * xl[kb] + hi4(w) * xh[kb]) * c[kb >> 4]
+        s += (lo4(w) * xl[kb] + hi4(w) * xh[kb]) * cs[kb >> 4]
     t = np.float32(0.0)
     for b in range(scales.shape[1]):
-        t += m[b] * xs[b]
+        t += h2f(m[b]) * xs[b]
     return s + t
 
 
@@ -138,15 +163,17 @@ def _qdot_rows_overload(codes, scales, mins, rows, k0, k1, xf, xq, res):
     if codes.dtype == types.int8:
 
         def impl(codes, scales, mins, rows, k0, k1, xf, xq, res):
+            cs = np.empty(scales.shape[1], np.float32)
             for k in range(k0, k1):
-                res[k] = i8_dot(codes, scales, rows[k], xf)
+                res[k] = i8_dot(codes, scales, rows[k], xf, cs)
 
         return impl
     if codes.dtype == types.uint8:
 
         def impl(codes, scales, mins, rows, k0, k1, xf, xq, res):
+            cs = np.empty(scales.shape[1], np.float32)
             for k in range(k0, k1):
-                res[k] = q4_dot(codes, scales, mins, rows[k], xq)
+                res[k] = q4_dot(codes, scales, mins, rows[k], xq, cs)
 
         return impl
     return None
@@ -175,8 +202,8 @@ def i8_accumulate_rows(codes, scales, idx, vals, k0, k1, acc):
         v0, v1, v2, v3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
         v4, v5, v6, v7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
         for b in range(nb):
-            a0, a1, a2, a3 = v0 * c0[b], v1 * c1[b], v2 * c2[b], v3 * c3[b]
-            a4, a5, a6, a7 = v4 * c4[b], v5 * c5[b], v6 * c6[b], v7 * c7[b]
+            a0, a1, a2, a3 = v0 * h2f(c0[b]), v1 * h2f(c1[b]), v2 * h2f(c2[b]), v3 * h2f(c3[b])
+            a4, a5, a6, a7 = v4 * h2f(c4[b]), v5 * h2f(c5[b]), v6 * h2f(c6[b]), v7 * h2f(c7[b])
             o = b * B
             for j in range(o, o + B):
                 acc[j] += ((a0 * np.float32(r0[j]) + a1 * np.float32(r1[j]))
@@ -189,7 +216,7 @@ def i8_accumulate_rows(codes, scales, idx, vals, k0, k1, acc):
         c0 = scales[idx[k]]
         v0 = vals[k]
         for b in range(nb):
-            a0 = v0 * c0[b]
+            a0 = v0 * h2f(c0[b])
             for j in range(b * B, b * B + B):
                 acc[j] += a0 * np.float32(r0[j])
         k += 1
@@ -216,8 +243,8 @@ def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
             v = vals[k + u]
             c, m = scales[r], mins[r]
             for b in range(nb):
-                a[u, b] = v * c[b]
-                cm[b] += v * m[b]
+                a[u, b] = v * h2f(c[b])
+                cm[b] += v * h2f(m[b])
         r0, r1, r2, r3 = codes[idx[k]], codes[idx[k + 1]], codes[idx[k + 2]], codes[idx[k + 3]]
         r4, r5, r6, r7 = codes[idx[k + 4]], codes[idx[k + 5]], codes[idx[k + 6]], codes[idx[k + 7]]
         for b in range(nb):
@@ -238,8 +265,8 @@ def q4_accumulate_rows(codes, scales, mins, idx, vals, k0, k1, acc):
         r0, c0, m0 = codes[i0], scales[i0], mins[i0]
         v0 = vals[k]
         for b in range(nb):
-            a0 = v0 * c0[b]
-            cm[b] += v0 * m0[b]
+            a0 = v0 * h2f(c0[b])
+            cm[b] += v0 * h2f(m0[b])
             o = b * B
             ob = b * H
             for j in range(H):

@@ -5,7 +5,8 @@ A weight is either
 
 - a plain 2-D array: float32, or uint16 holding bf16 bits (:mod:`actsparse.kernels.formats`), or
 - a packed block-quantised tuple ``(codes, scales, mins)`` (:mod:`actsparse.kernels.quant_formats`:
-  int8 codes for ``int8``, uint8 for ``q4``; ``mins`` is an empty (0, 0) array for int8).
+  int8 codes for ``int8``, uint8 for ``q4``; scales and mins the uint16 bits of fp16 values,
+  ``mins`` an empty (0, 0) array for int8).
 
 Each function here is a numba ``@overload`` that picks, at compile time, the fp kernels of
 :mod:`actsparse.kernels.primitives` or the quantised ones of :mod:`actsparse.kernels.quant_numba`.
@@ -15,6 +16,7 @@ a (0, 0) placeholder has 0 rows.
 from __future__ import annotations
 
 import actsparse.numba_backend  # noqa: F401  (cache directory set before numba loads)
+import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
@@ -81,7 +83,7 @@ def _m_cols(w):
 def _m_bytes(w):
     """Bytes stored (codes + scales + mins for a packed weight)."""
     if _packed(w):
-        return lambda w: w[0].size * w[0].itemsize + w[1].size * 4 + w[2].size * 4
+        return lambda w: w[0].size * w[0].itemsize + w[1].size * w[1].itemsize + w[2].size * w[2].itemsize
     return lambda w: w.size * w.itemsize
 
 
@@ -89,7 +91,7 @@ def _m_bytes(w):
 def _m_row_bytes(w):
     """Bytes of one stored row."""
     if _packed(w):
-        return lambda w: w[0].shape[1] * w[0].itemsize + w[1].shape[1] * 4 + w[2].shape[1] * 4
+        return lambda w: w[0].shape[1] * w[0].itemsize + w[1].shape[1] * w[1].itemsize + w[2].shape[1] * w[2].itemsize
     return lambda w: w.shape[1] * w.itemsize
 
 
@@ -101,15 +103,17 @@ def _dense_range(w, i0, i1, xf, res):
     if w[0].dtype == types.int8:
 
         def impl(w, i0, i1, xf, res):
+            cs = np.empty(w[1].shape[1], np.float32)
             for i in range(i0, i1):
-                res[i] = i8_dot(w[0], w[1], i, xf)
+                res[i] = i8_dot(w[0], w[1], i, xf, cs)
 
         return impl
 
     def impl_q4(w, i0, i1, xf, res):
         xq = q4_prepare(xf)
+        cs = np.empty(w[1].shape[1], np.float32)
         for i in range(i0, i1):
-            res[i] = q4_dot(w[0], w[1], w[2], i, xq)
+            res[i] = q4_dot(w[0], w[1], w[2], i, xq, cs)
 
     return impl_q4
 

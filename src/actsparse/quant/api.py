@@ -22,7 +22,7 @@ from torch import nn
 
 from actsparse.errors import ConfigError, DataError, StateError, UnsupportedError
 from actsparse.io import read_json, write_json, write_safetensors
-from actsparse.kernels.quant_formats import ROWS, TRANSPOSED
+from actsparse.kernels.quant_formats import ROWS, SCALE_DTYPE, TRANSPOSED
 from actsparse.models.swap import has, swap_module
 from actsparse.quant.awq import calibration_keys, search_and_fold
 from actsparse.quant.config import QuantConfig, config_from_dict
@@ -30,7 +30,7 @@ from actsparse.quant.modules import STATE_ATTR, QuantLinear
 
 OWNER = "quantize"
 FILE_FORMAT = "actsparse-quantized"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: fp16 scales and mins (version 1 stored fp32 ones)
 WEIGHTS_FILE = "model.safetensors"
 DESCRIPTION_FILE = "quant.json"
 
@@ -222,6 +222,12 @@ def load_quantized(model: nn.Module, in_dir) -> nn.Module:
     state = load_file(str(d / WEIGHTS_FILE))
     for alias, kept in desc.get("aliases", {}).items():
         state[alias] = state[kept]
+    for path in desc["linears"]:
+        for name in ("scales", "mins"):
+            t = state.get(f"{path}.{name}")
+            if t is not None and t.dtype != SCALE_DTYPE:  # load_state_dict would cast it silently
+                raise DataError(f"{d / WEIGHTS_FILE}: {path}.{name} is {t.dtype}, the format stores {SCALE_DTYPE}; "
+                                "the file is corrupt or not written by save_quantized")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(f"{d / WEIGHTS_FILE} does not fit the model: missing {missing[:5]}, unexpected "

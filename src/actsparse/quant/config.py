@@ -64,7 +64,7 @@ class QuantConfig(VersionedConfig):
 
 @dataclass(frozen=True)
 class Int8Config(QuantConfig):
-    """Symmetric int8, blocks of 32, one fp32 scale per block."""
+    """Symmetric int8, blocks of 32, one fp16 scale per block."""
 
     KIND: ClassVar[str] = INT8
 

@@ -5,9 +5,9 @@
     save_quantized(model, "q4/")
 
 The three GGUF types store blocks of 32 along the input dimension (GGUF's ne0), which is
-actsparse's ``rows`` layout, so the conversion is lossless: fp16 scales / mins become fp32,
-Q8_0 (``w = d * q``) becomes int8, Q4_1 (``w = d * q + m``) q4, Q4_0 (``w = d * (q - 8)``)
-q4 with ``min = -8 d`` (exact in fp32: every term is a short fp16 multiple). The nibble order
+actsparse's ``rows`` layout, so the conversion is lossless: the fp16 scales / mins are kept as
+they are, Q8_0 (``w = d * q``) becomes int8, Q4_1 (``w = d * q + m``) q4, Q4_0 (``w = d * (q - 8)``)
+q4 with ``min = -8 d`` (exact in fp16: a power-of-two multiple). The nibble order
 of Q4_0 / Q4_1 is q4's. llama.cpp's converter permutes the rows of LLaMA q / k projections
 (pairs of rotary dimensions interleaved per head); the same row permutation, undone, moves
 whole rows of codes, scales and mins.
@@ -59,9 +59,8 @@ def gguf_to_quant_weight(type_name: str, raw: np.ndarray, shape: tuple[int, int]
     nb = in_f // BLOCK
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(out_f, nb, block_bytes)
 
-    def half(lo):  # an fp16 field of every block -> fp32 (exact)
-        return torch.from_numpy(np.ascontiguousarray(blocks[..., lo:lo + 2]).view(np.float16)[..., 0]
-                                .astype(np.float32))
+    def half(lo):  # an fp16 field of every block (the formats store fp16 too)
+        return torch.from_numpy(np.ascontiguousarray(blocks[..., lo:lo + 2]).view(np.float16)[..., 0].copy())
 
     scales = half(0)
     if type_name == "Q8_0":
@@ -70,7 +69,9 @@ def gguf_to_quant_weight(type_name: str, raw: np.ndarray, shape: tuple[int, int]
     if type_name == "Q4_1":
         mins, start = half(2), 4
     else:  # Q4_0: d * (q - 8) = q * d + (-8 d)
-        mins, start = -8.0 * scales, 2
+        mins, start = (-8.0 * scales.float()).to(torch.float16), 2
+        if not bool(torch.isfinite(mins).all()):
+            raise UnsupportedError(f"a Q4_0 tensor of shape {shape} has a block scale whose min -8 d overflows fp16")
     codes = torch.from_numpy(np.ascontiguousarray(blocks[..., start:]).reshape(out_f, in_f // 2))
     return QuantWeight(Q4, ROWS, (out_f, in_f), codes, scales, mins)
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actsparse.kernels.quant_formats import BLOCK, FORMATS, INT8, ROWS, QuantWeight, check_blockable, quantize_weight
+from actsparse.kernels.quant_formats import (BLOCK, FORMATS, INT8, ROWS, SCALE_DTYPE, QuantWeight, check_blockable,
+                                             quantize_weight)
 
 
 STATE_ATTR = "_actsparse_quant"  # the quantised model's description (quantize_ / load_quantized set it)
@@ -34,9 +35,9 @@ class QuantLinear(nn.Module):
         codes = (torch.zeros(rows, cols, dtype=torch.int8) if fmt == INT8
                  else torch.zeros(rows, cols // 2, dtype=torch.uint8))
         self.register_buffer("codes", codes)
-        self.register_buffer("scales", torch.zeros(rows, cols // BLOCK))
+        self.register_buffer("scales", torch.zeros(rows, cols // BLOCK, dtype=SCALE_DTYPE))
         if fmt != INT8:
-            self.register_buffer("mins", torch.zeros(rows, cols // BLOCK))
+            self.register_buffer("mins", torch.zeros(rows, cols // BLOCK, dtype=SCALE_DTYPE))
         else:
             self.mins = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
