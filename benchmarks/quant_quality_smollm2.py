@@ -5,8 +5,8 @@ Calibration: the wiki "calibration" split (AWQ rows: ``--sample-rows`` per linea
 the plans: ``--plan-tokens`` on the dense fp32 model); evaluation: the wiki "test" split,
 non-overlapping windows, ``--tokens`` scored tokens (the same windows for every variant). A
 plan variant quantises for the plan (``quantize_(plan=)``: the linears it reads input-sparsely
-packed transposed, as FastDecoder reads them) and then loads the plan; TEAL on AWQ is refused
-by ``quantize_`` (AWQ rescales the inputs the thresholds test) and is not run. ``-head``
+packed transposed, as FastDecoder reads them) and then loads the plan (on AWQ, whose scales
+divide the inputs the thresholds test, ``load_plan`` divides the thresholds by them). ``-head``
 variants quantise the lm_head too (rows). Writes a JSON with the machine, CPU and git state
 (actsparse.provenance) to ``--out``, e.g.
 
@@ -61,8 +61,7 @@ def measure(bundle, *, tokens: int, calib_tokens: int, window: int, sample_rows:
     calib_s = time.time() - t0
     runs = [(name, None) for name in variants]
     for method in plans or {}:
-        runs += [(name, method) for name in ("dense", "int8", "q4-rtn", "q4-awq")
-                 if name in variants and not (method == "teal" and name == "q4-awq")]
+        runs += [(name, method) for name in ("dense", "int8", "q4-rtn", "q4-awq") if name in variants]
     out = {}
     for name, method in runs:
         cfg = configs[name]

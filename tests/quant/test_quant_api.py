@@ -166,3 +166,65 @@ def test_module_forward_is_the_dense_forward_of_the_dequantised_weight():
 def test_unmapped_model_is_refused():
     with pytest.raises(UnsupportedError, match="site map"):
         quantize_(torch.nn.Sequential(torch.nn.Linear(64, 64)), Int8Config())
+
+
+def test_a_dense_plan_on_the_awq_model_keeps_the_dense_plans_channels(tmp_path):
+    """AWQ divides each scaled linear's inputs by s; load_plan divides the plan's thresholds (and
+    centres) by s too. On the folded fp model (exact folds, no rounding) the plan then computes
+    what it computes on the dense model; on the AWQ-quantised model the first layer's q/k/v
+    masks (its input is exact there too) are the dense model's."""
+    import actsparse as asp
+    from actsparse.sparsify.api import install
+    from actsparse.sparsify.plan import awq_adjusted, read_plan
+
+    dense, win = _tiny(), _windows()
+    asp.sparsify_(dense, asp.TEAL(sparsity=0.5), calibration=win)
+    asp.save_plan(dense, tmp_path / "plan")
+    ref = _logits(dense, win)
+    asp.desparsify_(dense)
+    smap = site_map(dense)
+    config, _, assignments, _ = read_plan(tmp_path / "plan")
+
+    folded = copy.deepcopy(dense)
+    scales = {}
+    layouts = {smap.module_path(i, r): "rows" for i in range(smap.num_layers) for r in smap.roles}
+    search_and_fold(folded, smap, calibration_rows(dense, win, 128, smap), "q4", layouts, 20, scales)
+    assert len(scales) == 14 and any(float((s - 1).abs().max()) > 0.1 for s in scales.values())
+    for path, s in scales.items():
+        folded.get_submodule(path).input_scale = s
+    install(folded, config, awq_adjusted(folded, assignments, "test"))
+    torch.testing.assert_close(_logits(folded, win), ref, atol=1e-4, rtol=1e-4)
+    # without the adjustment the folded model keeps other channels
+    asp.desparsify_(folded)
+    install(folded, config, assignments)
+    assert float((_logits(folded, win) - ref).abs().max()) > 1e-2
+
+    quantised = copy.deepcopy(dense)
+    desc = quantize_(quantised, Q4Config(awq=True, sample_rows=128), calibration=win, plan=tmp_path / "plan")
+    assert sum(v["input_scale"] for v in desc["linears"].values()) == 14
+    save_quantized(quantised, tmp_path / "q")
+    quantised = load_quantized(_tiny(), tmp_path / "q")  # the scales travel with the file
+    asp.load_plan(quantised, tmp_path / "plan")
+    masks = {}
+    for m, tag in ((dense, "dense"), (quantised, "awq")):
+        if tag == "dense":
+            asp.load_plan(m, tmp_path / "plan")
+        q = m.get_submodule("model.layers.0.self_attn.q_proj")
+        h = q.register_forward_hook(lambda mod, inp, out, tag=tag: masks.__setitem__(tag, mod.keep_mask(inp[0])))
+        _logits(m, win)
+        h.remove()
+    assert torch.equal(masks["dense"], masks["awq"])
+    assert isinstance(quantised.get_submodule("model.layers.0.self_attn.q_proj").threshold, torch.Tensor)
+
+
+def test_a_top_k_plan_is_refused_on_an_awq_model(tmp_path):
+    import actsparse as asp
+    from actsparse.errors import ConfigError
+
+    dense, win = _tiny(), _windows()
+    asp.sparsify_(dense, asp.TopK(sparsity=0.5, site="mlp.down:input"), calibration=win)
+    asp.save_plan(dense, tmp_path / "plan")
+    asp.desparsify_(dense)
+    quantize_(dense, Q4Config(awq=True, sample_rows=64), calibration=win)
+    with pytest.raises(ConfigError, match="top-k"):
+        asp.load_plan(dense, tmp_path / "plan")

@@ -652,7 +652,7 @@ def quant_nbytes(shape, fmt: str) -> int:
 
 
 def _weight_tensors(m: nn.Module) -> list:
-    return list(m.buffers(recurse=False)) if isinstance(m, QuantLinear) else [m.weight]
+    return [t for t in (m.codes, m.scales, m.mins) if t is not None] if isinstance(m, QuantLinear) else [m.weight]
 
 
 def unique_bytes(tensors) -> int:

@@ -113,7 +113,9 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=N
     ``calibration``: token :class:`~actsparse.data.text.Windows` or the dict of rows from
     :func:`calibration_rows` (needed for AWQ only). ``plan``: a saved plan directory; the linears
     it reads input-sparsely are packed in the transposed layout (one copy, in the layout
-    FastDecoder reads; load the plan into the quantised model afterwards)."""
+    FastDecoder reads; load the plan into the quantised model afterwards: with AWQ, load_plan
+    divides the thresholds of each scaled linear's input by its scale, so that the plan keeps
+    the channels it keeps on the dense model)."""
     from actsparse.models.loading import weights_identity
 
     if not isinstance(config, QuantConfig):
@@ -122,13 +124,9 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=N
     identity = weights_identity(model)
     if plan is not None:
         roles = plan_layouts(model, plan)
-        if config.awq and set(roles) - {"mlp.down"}:
-            raise ConfigError("AWQ rescales every linear's input channels, so the thresholds of a plan that masks "
-                              f"linear inputs ({plan}: {', '.join(roles)}) would no longer apply; quantise with "
-                              "RTN (no --awq) for this plan, or calibrate a plan on the AWQ model")
         config = replace(config, transposed=tuple(sorted(set(config.transposed) | set(roles))))
     targets = _targets(model, smap, config)
-    records = {}
+    records, input_scales = {}, {}
     if config.awq:
         if calibration is None:
             raise DataError("AWQ needs calibration data: pass calibration=windows (token Windows) or the rows of "
@@ -139,17 +137,19 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration=None, *, plan=N
         if missing:
             raise DataError(f"the calibration rows lack {len(missing)} group inputs (e.g. {missing[0]}); "
                             "build them with calibration_rows(model, windows, sample_rows)")
-        records = search_and_fold(model, smap, rows, config.fmt, targets, config.alpha_grid)
+        records = search_and_fold(model, smap, rows, config.fmt, targets, config.alpha_grid, input_scales)
     from tqdm.auto import tqdm
 
     head = model.get_output_embeddings() if config.lm_head else None
     fmt_of = {p: config.head_fmt if model.get_submodule(p) is head else config.fmt for p in targets}
     for path, layout in tqdm(targets.items(), desc=f"quantise {config.fmt}", unit="linear", disable=not progress):
         q = QuantLinear.from_linear(model.get_submodule(path), fmt_of[path], layout)
+        q.set_input_scale(input_scales.get(path))
         swap_module(model, path, q, owner=OWNER)
     desc = {"format": FILE_FORMAT, "version": FILE_VERSION, "config": config.to_dict(), "model": identity,
             "linears": {p: {"format": fmt_of[p], "layout": lay, "shape": [model.get_submodule(p).out_features,
-                                                                         model.get_submodule(p).in_features]}
+                                                                         model.get_submodule(p).in_features],
+                            "input_scale": p in input_scales}
                         for p, lay in targets.items()},
             "awq": records, "layouts_from_plan": None if plan is None else str(plan)}
     object.__setattr__(model, STATE_ATTR, desc)
@@ -218,6 +218,8 @@ def load_quantized(model: nn.Module, in_dir) -> nn.Module:
         old = model.get_submodule(path)
         out_f, in_f = spec["shape"]
         q = QuantLinear(spec["format"], spec["layout"], out_f, in_f, bias=getattr(old, "bias", None) is not None)
+        if spec.get("input_scale"):
+            q.set_input_scale(torch.zeros(in_f))  # filled by load_state_dict below
         swap_module(model, path, q, owner=OWNER)
     state = load_file(str(d / WEIGHTS_FILE))
     for alias, kept in desc.get("aliases", {}).items():

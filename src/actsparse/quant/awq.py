@@ -114,10 +114,13 @@ def _fold_norm(norm: nn.Module, s: torch.Tensor, offset: float) -> str | None:
 
 
 @torch.no_grad()
-def search_and_fold(model: nn.Module, smap, rows: dict, fmt: str, layouts: dict, grid: int) -> dict:
+def search_and_fold(model: nn.Module, smap, rows: dict, fmt: str, layouts: dict, grid: int,
+                    input_scales: dict | None = None) -> dict:
     """Search every group's scale and fold it into the fp model (in place; the model computes
     the same function afterwards, up to fp rounding). ``rows``: calibration key -> (n, in) rows;
-    ``layouts``: module path -> layout it will be packed in. Returns {group name: record}."""
+    ``layouts``: module path -> layout it will be packed in. Returns {group name: record};
+    ``input_scales``, if given, is filled with module path -> s of each scaled linear (it reads
+    x / s where the model before the folds read x)."""
     records = {}
     for layer in range(smap.num_layers):
         for group, roles in GROUPS:
@@ -167,8 +170,10 @@ def search_and_fold(model: nn.Module, smap, rows: dict, fmt: str, layouts: dict,
             ws = [m.weight.detach().float() for m in lins]
             r = search_scale(ws, [layouts[p] for p in paths], x, fmt, grid, tie=tie)
             s, s_small = r["scale"], r["producer_scale"]
-            for m in lins:
+            for path, m in zip(paths, lins):
                 m.weight.data = (m.weight.data.float() * s).to(m.weight.dtype)
+                if input_scales is not None:
+                    input_scales[path] = s.clone()
             if producer[0] == "norm":
                 _fold_norm(model.get_submodule(producer[1]), s, smap.norm_offset)
             else:

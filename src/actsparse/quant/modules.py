@@ -21,7 +21,9 @@ class QuantLinear(nn.Module):
     """A Linear whose weight is stored packed (codes, scales[, mins] buffers; see
     :mod:`actsparse.kernels.quant_formats`). ``forward`` is the dense forward of the dequantised
     weight, in the input's dtype: the specification the quantised kernels are tested against.
-    :meth:`quant_weight` hands the packed weight to those kernels (decode integration)."""
+    :meth:`quant_weight` hands the packed weight to those kernels (decode integration).
+    ``input_scale`` (fp32, in_features; AWQ-scaled linears only): the scale s its input channels
+    were divided by, so that a plan calibrated on the dense model can test ``|x / s| > t / s``."""
 
     def __init__(self, fmt: str, layout: str, out_features: int, in_features: int, bias: bool = False):
         super().__init__()
@@ -41,6 +43,13 @@ class QuantLinear(nn.Module):
         else:
             self.mins = None
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.register_buffer("input_scale", None)
+
+    def set_input_scale(self, s: torch.Tensor | None) -> None:
+        """Record (or, with a zero placeholder to be loaded, reserve) the AWQ input scale."""
+        if s is not None and tuple(s.shape) != (self.in_features,):
+            raise ValueError(f"an input scale of shape {tuple(s.shape)} for a linear of {self.in_features} inputs")
+        self.input_scale = None if s is None else s.detach().to(torch.float32).clone()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, layout: str) -> "QuantLinear":

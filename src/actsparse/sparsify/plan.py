@@ -177,8 +177,28 @@ def load_plan(model: nn.Module, path: str | Path, *, check_weights: bool = True)
     else:  # a quantised model: the plan must be the dense model's it was quantised from
         check_identity(identity, quant["model"], f"plan {path} (on the model this one was quantised from)",
                        check_weights=check_weights)
-        if quant["config"].get("awq") and any(a.module == "linear" for a in assignments):
-            raise ConfigError(f"plan {path} masks linear inputs, but this model was quantised with AWQ, which "
-                              "rescales them: the plan's thresholds no longer apply. Use an RTN-quantised model, or "
-                              "calibrate the plan on the AWQ model")
+        assignments = awq_adjusted(model, assignments, f"plan {path}")
     install(model, config, assignments, identity=actual)
+
+
+def awq_adjusted(model: nn.Module, assignments, what: str) -> list:
+    """The assignments in the input space of an AWQ-quantised model: a linear whose inputs were
+    divided by s (``QuantLinear.input_scale``) reads x' = x / s, so a test ``|x - c| > t`` made on
+    the dense model becomes ``|x' - c / s| > t / s`` (per channel; s > 0): the same channels kept,
+    the same outputs. A top-k test is not scale-equivariant and is refused."""
+    from dataclasses import replace
+
+    out = []
+    for a in assignments:
+        s = getattr(model.get_submodule(a.path), "input_scale", None) if a.module == "linear" else None
+        if s is None:
+            out.append(a)
+            continue
+        if a.mode != "threshold":
+            raise ConfigError(f"{what}: {a.path} keeps the top-k of its inputs, which AWQ's per-channel scales "
+                              "reorder; load the plan into an RTN-quantised model (no --awq), or calibrate it on the "
+                              "AWQ model")
+        thr = torch.as_tensor(a.threshold, dtype=torch.float32).to(s.device)
+        out.append(replace(a, threshold=thr / s,
+                           centre=None if a.centre is None else a.centre.to(s) / s))
+    return out
