@@ -142,6 +142,41 @@ def test_an_int8_lm_head_beside_q4_block_linears():
         Q4Config(head_format="int8")
 
 
+@pytest.mark.parametrize("kind", ["channel_mask", "act"])
+def test_accelerate_runs_quantised_linears_on_their_codes(kind):
+    """accelerate_ on a quantised model: the sparse linears on their transposed codes, a
+    zero-skipping down on its codes, every other QuantLinear on the dense packed kernel; no
+    copies. Each generated step's logits equal the un-accelerated model's (the dequantised masked
+    dense forward) within the kernels' tolerance, and deaccelerate_ puts the modules back."""
+    from actsparse.decode import deaccelerate_
+    from actsparse.decode.accelerate import QuantDenseLinear
+    from actsparse.quant import QuantLinear
+
+    _, model = quantised_pair("q4", kind)
+    originals = {n: m for n, m in model.named_modules()}
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    gen = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, **gen)
+    report = asp.accelerate_(model)
+    assert report.transposed_copy_bytes == 0
+    if kind == "act":
+        assert (report.zero_skip_linears, report.kernel_linears, report.quant_dense_linears) == (2, 0, 12)
+    else:
+        assert (report.zero_skip_linears, report.kernel_linears, report.quant_dense_linears) == (0, 14, 0)
+    assert isinstance(model.model.layers[0].self_attn.o_proj.linear, QuantLinear)
+    if kind == "act":
+        assert isinstance(model.model.layers[0].self_attn.o_proj, QuantDenseLinear)
+    with torch.no_grad():
+        got = model.generate(ids, **gen)
+    assert got.sequences.tolist() == ref.sequences.tolist()
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+    deaccelerate_(model)
+    for n, m in model.named_modules():
+        assert originals[n] is m
+
+
 def test_refusals_name_the_problem(tmp_path):
     rows = tiny_llama(**SHAPE)
     quantize_(rows, Q4Config())  # every linear in the rows layout
@@ -150,8 +185,9 @@ def test_refusals_name_the_problem(tmp_path):
     install(rows, "channel_mask", np.random.default_rng(1))
     with pytest.raises(UnsupportedError, match="transposed layout"):
         FastDecoder(rows)  # a TEAL plan on rows-packed linears: refused, not decoded densely
-    with pytest.raises(UnsupportedError, match="accelerate_ has no kernels for quantised"):
+    with pytest.raises(UnsupportedError, match="packed by rows.*quantise for the plan"):
         asp.accelerate_(rows)
+    assert not any(type(m).__name__ == "QuantDenseLinear" for m in rows.modules())  # refused before any swap
     with pytest.raises(ConfigError, match="int8, q4"):
         FastDecoder(tiny_llama(**SHAPE), weights="q3")
     with pytest.raises(ConfigError, match="AWQ"):

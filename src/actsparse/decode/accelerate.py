@@ -7,6 +7,12 @@ masked dense forward it replaced. In an MLP whose activation is thresholded (CAT
 Top-K on the activation), the down projection's input has exact zeros: its linear becomes
 a :class:`ZeroSkipLinear` that reads only the rows of the non-zero inputs.
 
+Quantised models (``quantize_``) run on the packed codes, no copy: a sparse linear must be
+packed transposed (``quantize_(..., plan=)``), which the input-sparse kernel reads; a zero-skipping
+down projection packed transposed skips rows, one packed by rows runs the dense kernel; every
+other ``QuantLinear`` becomes a :class:`QuantDenseLinear` (the dense kernel for a single token,
+instead of dequantising its weight on every call).
+
 This works on any architecture sparsify_ supports (the site map says which module is the
 down projection of the MLP whose activation is thresholded), but Hugging Face's per-token
 overhead stays (~15 ms per token for SmolLM2); :class:`~actsparse.decode.FastDecoder` removes
@@ -24,6 +30,8 @@ from torch import nn
 
 from actsparse.errors import StateError, UnsupportedError
 from actsparse.kernels import sparse_input_gemv
+from actsparse.kernels.quant_dispatch import q_dense_gemv, q_input_sparse_gemv
+from actsparse.kernels.quant_formats import TRANSPOSED
 from actsparse.models import swap
 from actsparse.models.sitemaps import site_map
 from actsparse.quant.modules import QuantLinear
@@ -37,16 +45,32 @@ def _single_token(x: torch.Tensor, width: int) -> bool:
     return x.numel() == width and not (torch.is_grad_enabled() and x.requires_grad)
 
 
-class KernelLinear(MaskedLinear):
-    """A :class:`MaskedLinear` whose single-token forward runs the sparse kernel."""
+def _packed_gemv(qw, x: torch.Tensor, threshold) -> torch.Tensor:
+    """One token through a packed weight: the input-sparse kernel on the transposed layout
+    (``threshold`` None: every input), the dense kernel on the rows layout."""
+    if qw.layout == TRANSPOSED:
+        return q_input_sparse_gemv(x, qw, -1.0 if threshold is None else threshold)
+    return q_dense_gemv(x, qw)
 
-    def __init__(self, masked: MaskedLinear):
+
+class KernelLinear(MaskedLinear):
+    """A :class:`MaskedLinear` whose single-token forward runs the sparse kernel (on a
+    transposed copy of an fp weight, or on a QuantLinear's own transposed codes)."""
+
+    def __init__(self, masked: MaskedLinear, path: str = ""):
         super().__init__(masked.linear, masked.threshold if masked.mode == "threshold" else None,
                          mode=masked.mode, k=masked.k, site_kind=masked.site_kind, skips=masked.skips,
                          centre=masked.centre, offset=masked.offset)
         self._token_mask = masked._token_mask
         self.counting = masked.counting
-        self.register_buffer("wt", in_out_weight(masked.linear), persistent=False)
+        if isinstance(masked.linear, QuantLinear):
+            if masked.linear.layout != TRANSPOSED:
+                raise UnsupportedError(f"{path}: its inputs are tested sparsely but its codes are packed by rows, "
+                                       "which the input-sparse kernel cannot skip; quantise for the plan "
+                                       "(quantize_(model, config, plan=PLAN) or actsparse quantize --plan)")
+            self.wt = None
+        else:
+            self.register_buffer("wt", in_out_weight(masked.linear), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass or not _single_token(x, self.in_features):
@@ -60,9 +84,13 @@ class KernelLinear(MaskedLinear):
             x, thr = x * keep, 0.0
         else:
             thr = self.threshold
-        y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, thr)
+        xv = x.reshape(-1).contiguous()
+        if self.wt is None:
+            y = q_input_sparse_gemv(xv, self.linear.quant_weight(), thr)
+        else:
+            y = sparse_input_gemv(xv, self.wt, thr)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y)
         if self.offset is not None:
             y = y + self.offset.to(y)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -75,17 +103,52 @@ class ZeroSkipLinear(nn.Module):
     def __init__(self, linear: nn.Module):
         super().__init__()
         object.__setattr__(self, "linear", linear)
-        self.weight = linear.weight
+        self.quantized = isinstance(linear, QuantLinear)
+        if self.quantized:  # its packed buffers under their own names (state_dict unchanged), no copy
+            for name, buf in linear.named_buffers(recurse=False):
+                self.register_buffer(name, buf)
+            self.wt = None
+        else:
+            self.weight = linear.weight
+            self.register_buffer("wt", in_out_weight(linear), persistent=False)
         self.bias = linear.bias
         self.in_features, self.out_features = linear_features(linear)
-        self.register_buffer("wt", in_out_weight(linear), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _single_token(x, self.in_features):
             return self.linear(x)
-        y = sparse_input_gemv(x.reshape(-1).contiguous(), self.wt, 0.0)
+        xv = x.reshape(-1).contiguous()
+        if self.quantized:  # rows-packed codes cannot skip rows: the dense kernel
+            y = _packed_gemv(self.linear.quant_weight(), xv, 0.0)
+        else:
+            y = sparse_input_gemv(xv, self.wt, 0.0)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class QuantDenseLinear(nn.Module):
+    """A dense QuantLinear whose single-token forward runs the packed dense kernel (a
+    QuantLinear's own forward dequantises the whole weight on every call)."""
+
+    def __init__(self, linear: QuantLinear):
+        super().__init__()
+        object.__setattr__(self, "linear", linear)
+        for name, buf in linear.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _single_token(x, self.in_features):
+            return self.linear(x)
+        y = _packed_gemv(self.linear.quant_weight(), x.reshape(-1).contiguous(), None)
+        if self.bias is not None:
+            y = y + self.bias.to(y)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -95,6 +158,7 @@ class AccelerationReport:
     zero_skip_linears: int
     transposed_copy_bytes: int
     model_weight_bytes: int
+    quant_dense_linears: int = 0
 
     @property
     def copy_overhead(self) -> float:
@@ -102,11 +166,13 @@ class AccelerationReport:
 
     def to_dict(self) -> dict:
         return {"kernel_linears": self.kernel_linears, "zero_skip_linears": self.zero_skip_linears,
-                "transposed_copy_bytes": self.transposed_copy_bytes, "model_weight_bytes": self.model_weight_bytes,
+                "quant_dense_linears": self.quant_dense_linears, "transposed_copy_bytes": self.transposed_copy_bytes, "model_weight_bytes": self.model_weight_bytes,
                 "copy_overhead": self.copy_overhead}
 
     def __str__(self) -> str:
-        return (f"{self.kernel_linears} kernel linears, {self.zero_skip_linears} zero-skipping down projections; "
+        quant = f", {self.quant_dense_linears} packed dense linears" if self.quant_dense_linears else ""
+        return (f"{self.kernel_linears} kernel linears, {self.zero_skip_linears} zero-skipping down projections"
+                f"{quant}; "
                 f"transposed copies {self.transposed_copy_bytes / 2**20:.1f} MiB "
                 f"(+{100 * self.copy_overhead:.0f}% of the weights)")
 
@@ -118,16 +184,12 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
     sparse = list(iter_sparse_modules(model))
     if not sparse:
         raise StateError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
-    wrapped = [getattr(m, "linear", None) for _, m in sparse]  # a MaskedLinear does not register its linear
-    if any(isinstance(m, QuantLinear) for m in list(model.modules()) + wrapped):
-        raise UnsupportedError("accelerate_ has no kernels for quantised (int8 / q4) linears yet; decode a quantised "
-                               "model with FastDecoder (actsparse generate --engine fast), or model.generate without "
-                               "accelerate_ (the masked dense forward of the dequantised weights)")
     smap = site_map(model, warn=False)
     copy_bytes = n_kernel = n_zero = 0
+    swaps = []
     for path, m in sparse:
         if isinstance(m, MaskedLinear):
-            new = KernelLinear(m)
+            new = KernelLinear(m, path)
             n_kernel += 1
         elif isinstance(m, ThresholdedActivation):
             where = smap.locate(path)
@@ -135,13 +197,19 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
                 continue  # not an MLP activation of the site map: the masked dense path stays
             path = smap.module_path(where[0], "mlp.down")
             down = model.get_submodule(path)
-            if isinstance(down, MaskedLinear) or not is_linear(down):
+            if isinstance(down, MaskedLinear) or not (is_linear(down) or isinstance(down, QuantLinear)):
                 continue  # already a sparse linear (TEAL on down): it skips the zeros itself
             new = ZeroSkipLinear(down)
             n_zero += 1
         else:
             continue
-        copy_bytes += new.wt.numel() * new.wt.element_size()
+        if new.wt is not None:
+            copy_bytes += new.wt.numel() * new.wt.element_size()
+        swaps.append((path, new))
+    swapped = {p for p, _ in swaps}
+    dense_quant = [(p, QuantDenseLinear(m)) for p, m in model.named_modules()
+                   if isinstance(m, QuantLinear) and p not in swapped]
+    for path, new in swaps + dense_quant:  # built first: a refusal above leaves the model as it was
         swap.swap_module(model, path, new, owner=OWNER, depends_on=("sparsify",))
     if smap.family == "generic":
         warnings.warn(
@@ -149,8 +217,10 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
             f"{n_kernel} sparse linears for kernel linears, but could not map the MLP (a thresholded activation's "
             "down projection cannot skip zeros) or the block (FastDecoder refuses it); add a FAMILIES entry in "
             "actsparse.models.sitemaps for those", stacklevel=2)
+    packed = [m.linear for _, m in swaps + dense_quant if isinstance(getattr(m, "linear", None), QuantLinear)]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return AccelerationReport(n_kernel, n_zero, copy_bytes, weights)
+    weights += sum(q.quant_weight().nbytes for q in {id(q): q for q in packed}.values())
+    return AccelerationReport(n_kernel, n_zero, copy_bytes, weights, len(dense_quant))
 
 
 def deaccelerate_(model: nn.Module) -> None:
