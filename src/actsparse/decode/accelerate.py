@@ -123,6 +123,10 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
         raise UnsupportedError("accelerate_ has no kernels for quantised (int8 / q4) linears yet; decode a quantised "
                                "model with FastDecoder (actsparse generate --engine fast), or model.generate without "
                                "accelerate_ (the masked dense forward of the dequantised weights)")
+    adapted = [path for path, m in sparse if getattr(m, "adapter", None) is not None]
+    if adapted:
+        raise UnsupportedError(f"{adapted[0]} carries a LoRA adapter (recovery training), which the kernels do not "
+                               "run: merge it into the weights first (actsparse.train.lora.merge_lora_(model))")
     smap = site_map(model, warn=False)
     copy_bytes = n_kernel = n_zero = 0
     for path, m in sparse:
