@@ -78,6 +78,19 @@ def share_start(done: Path, todo: Path) -> None:
         (todo / "curve.jsonl").write_text(json.dumps(first) + "\n")
 
 
+def at_budget(summary: dict, steps: int, log_path: Path) -> dict:
+    """The comparison figures of a run at ``steps`` (the chosen run's directory is extended
+    afterwards: its later curve points and log lines are not part of the comparison)."""
+    import json
+
+    from actsparse.experiments.recovery import training_cost
+
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return {**summary, "curve": [p for p in summary["curve"] if p["step"] <= steps],
+            "cost": training_cost([r for r in log if r["step"] <= steps]),
+            "last": next(r for r in log if r["step"] == steps)}
+
+
 def slim(summary: dict) -> dict:
     """The summary without per-window lists (kept only for the final figures)."""
     out = {k: v for k, v in summary.items() if k != "final"}
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
             share_start(args.workdir / "lora", args.workdir / trainable)
         cfg = RecoveryConfig(trainable=trainable, final_tokens=0, **base)
         s = recover(cfg, args.workdir / trainable, resume=True)
-        comparison[trainable] = slim(s)
+        comparison[trainable] = at_budget(slim(s), cfg.steps, args.workdir / trainable / "log.jsonl")
         print(f"{trainable}: {s['curve'][-1]}", flush=True)
     choice = min(comparison, key=lambda k: comparison[k]["curve"][-1]["ppl"])
     cfg = RecoveryConfig(trainable=choice, final_tokens=args.final_tokens, **{**base, "tokens": args.tokens})

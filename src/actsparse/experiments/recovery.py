@@ -117,7 +117,7 @@ def recover(config: RecoveryConfig, out: str | os.PathLike, *, resume: bool = Fa
                "dense_curve": {k: v for k, v in (dense_curve or {}).items() if not k.startswith("window_")},
                "trained_parameters": int(sum(p.numel() for p in params.values())),
                "train_tokens_available": windows.tokens,
-               "cost": _cost(log), "seconds_this_run": round(time.perf_counter() - t_start, 2),
+               "cost": training_cost(log), "seconds_this_run": round(time.perf_counter() - t_start, 2),
                "train_seconds_this_run": round(train_seconds, 2)}
     if config.final_tokens:
         final_w = token_windows(tok, text(config.data, "test"), window=config.eval_window,
@@ -152,7 +152,7 @@ def recover(config: RecoveryConfig, out: str | os.PathLike, *, resume: bool = Fa
     return summary
 
 
-def _cost(log: list[dict]) -> dict:
+def training_cost(log: list[dict]) -> dict:
     """Training cost from the log: seconds per step split into teacher and student parts."""
     if not log:
         return {}
