@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "actsparse.commands.generate",
     "actsparse.commands.bench",
     "actsparse.commands.finetune",
+    "actsparse.commands.recover",
     "actsparse.commands.prune",
     "actsparse.commands.contrast",
     "actsparse.commands.intervene",

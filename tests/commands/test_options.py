@@ -101,6 +101,7 @@ def test_default_outputs_never_go_into_benchmarks_results():
         "prune-experiment": parser.parse_args(["prune-experiment"]).out,
         "contrast": parser.parse_args(["contrast", "--a", "news", "--b", "wiki"]).out,
         "intervene": parser.parse_args(["intervene", "--contrast", "c"]).out,
+        "recover": parser.parse_args(["recover", "--tokens", "1"]).out,
     }
     assert [str(p) for p in outs["sweep"]] == ["actsparse-out/quality-smollm2-135m.json",
                                                "actsparse-out/quality-smollm2-135m.png"]

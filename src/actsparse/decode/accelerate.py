@@ -184,6 +184,10 @@ def accelerate_(model: nn.Module) -> AccelerationReport:
     sparse = list(iter_sparse_modules(model))
     if not sparse:
         raise StateError("the model has no sparse modules: sparsify it (sparsify_ or load_plan) before accelerate_")
+    adapted = [path for path, m in sparse if getattr(m, "adapter", None) is not None]
+    if adapted:
+        raise UnsupportedError(f"{adapted[0]} carries a LoRA adapter (recovery training), which the kernels do not "
+                               "run: merge it into the weights first (actsparse.train.lora.merge_lora_(model))")
     smap = site_map(model, warn=False)
     copy_bytes = n_kernel = n_zero = 0
     swaps = []

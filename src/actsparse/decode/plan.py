@@ -239,6 +239,9 @@ class DecodePlan:
             lin = mod.linear if isinstance(mod, (MaskedLinear, ZeroSkipLinear)) else mod
             if not isinstance(lin, (nn.Linear, QuantLinear)):
                 raise UnsupportedError(f"{path} is a {type(lin).__name__}; FastDecoder needs nn.Linear or QuantLinear")
+            if isinstance(mod, MaskedLinear) and getattr(mod, "adapter", None) is not None:
+                raise UnsupportedError(f"{path} carries a LoRA adapter (recovery training), which FastDecoder does "
+                                       "not run: merge it first (actsparse.train.lora.merge_lora_(model))")
             if isinstance(mod, MaskedLinear) and not dense:
                 if mod.compensated:
                     raise UnsupportedError(

@@ -61,6 +61,25 @@ def check_threshold(threshold, width: int):
     return fp32_scalar(threshold)
 
 
+class _StraightThroughMask(torch.autograd.Function):
+    """``x * keep`` forward, identity backward: the straight-through estimator of the mask
+    (the thresholds stay fixed; the gradient reaches x as if no entry had been dropped)."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        return x * keep
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def apply_mask(x: torch.Tensor, keep: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+    """``x * keep``; with ``straight_through`` its gradient is the identity (see
+    :class:`_StraightThroughMask`)."""
+    return _StraightThroughMask.apply(x, keep) if straight_through else x * keep
+
+
 def topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest ``|x|`` along the last dim (exactly k per row)."""
     width = x.shape[-1]
@@ -101,6 +120,7 @@ class SparseModule(nn.Module):
                 self.threshold = t
         self.counting = True
         self.bypass = False
+        self.straight_through = False  # gradient of the mask: identity (recovery training) or the mask
         self.zeros = 0
         self.entries = 0
         self._token_mask: MaskTracker | None = None  # set by install: the root forward's attention mask
@@ -220,6 +240,8 @@ class MaskedLinear(SparseModule):
         self._init_sparse(self.in_features, threshold, mode, k, site_kind, skips)
         self.centre = _compensation_vector(centre, self.in_features, "centre")
         self.offset = _compensation_vector(offset, self.out_features, "offset")
+        # a trainable term on the masked input (a LoRA of recovery training): linear(xm) + adapter(xm)
+        self.adapter: nn.Module | None = None
 
     @property
     def compensated(self) -> bool:
@@ -233,7 +255,10 @@ class MaskedLinear(SparseModule):
         keep = self.keep_mask(x)
         if self.counting:
             self._count(keep)
-        y = self.linear(x * keep)
+        xm = apply_mask(x, keep, self.straight_through)
+        y = self.linear(xm)
+        if self.adapter is not None:
+            y = y + self.adapter(xm)
         return y if self.offset is None else y + self.offset.to(y)
 
     def extra_repr(self) -> str:
@@ -275,7 +300,7 @@ class ThresholdedActivation(SparseModule):
         keep = self.keep_mask(a)
         if self.counting:
             self._count(keep)
-        return a * keep
+        return apply_mask(a, keep, self.straight_through)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name}, width={self.width}, {self._extra()}"
@@ -292,6 +317,21 @@ def activation_name(act: nn.Module) -> str:
     if "relu" in name:
         return "relu"
     return type(act).__name__
+
+
+@contextmanager
+def straight_through(model: nn.Module):
+    """Within the block, the masks of every sparse module of ``model`` pass gradients straight
+    through (forward unchanged): what recovery training trains through."""
+    modules = [m for _, m in iter_sparse_modules(model)]
+    before = [m.straight_through for m in modules]
+    for m in modules:
+        m.straight_through = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(modules, before):
+            m.straight_through = b
 
 
 @contextmanager

@@ -166,14 +166,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, extra: dict) -> Path:
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, extra: dict, *,
+                    params: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``out/checkpoint-<step>`` atomically, then point ``out/latest.json`` at it and
-    delete older checkpoints."""
+    delete older checkpoints. ``params``: store only these named tensors (the trained ones)
+    instead of the whole model."""
     out.mkdir(parents=True, exist_ok=True)
     name = f"checkpoint-{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
     try:
-        mt, aliases = model_tensors(model)
+        if params is None:
+            mt, aliases = model_tensors(model)
+        else:
+            mt, aliases = {k: v.detach().cpu().contiguous() for k, v in params.items()}, {}
         write_safetensors(tmp / "model.safetensors", mt, metadata={"step": str(step)})
         ot, ometa = optimizer_tensors(optimizer)
         write_safetensors(tmp / "optimizer.safetensors", ot, metadata={"step": str(step)})
@@ -192,9 +197,11 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer, extra: di
     return final
 
 
-def load_checkpoint(out: Path, model: nn.Module, optimizer) -> dict | None:
+def load_checkpoint(out: Path, model: nn.Module, optimizer, *,
+                    params: dict[str, torch.Tensor] | None = None) -> dict | None:
     """Restore the latest checkpoint in ``out`` into model and optimizer; returns its
-    state.json (None when there is none)."""
+    state.json (None when there is none). ``params``: the checkpoint holds only these named
+    tensors (see :func:`save_checkpoint`); they are copied in place."""
     from safetensors.torch import load_file
 
     latest = out / "latest.json"
@@ -208,12 +215,21 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer) -> dict | None:
     tensors = load_file(str(ckpt / "model.safetensors"))
     for alias, name in state.get("aliases", {}).items():
         tensors[alias] = tensors[name]
-    model.load_state_dict(tensors, strict=True)
+    if params is None:
+        model.load_state_dict(tensors, strict=True)
+    else:
+        if set(tensors) != set(params):
+            extra = sorted(set(tensors) ^ set(params))
+            raise DataError(f"{ckpt} holds other trained tensors than this run trains (e.g. {extra[0]})")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[k])
     load_optimizer(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
     return state
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of a JSON-lines log whose ``step`` is <= ``step`` (resume)."""
     if not path.is_file():
         return
     keep = []
@@ -229,8 +245,8 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(keep))
 
 
-def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE + ("kind", "version")}
+def _comparable(cfg: dict, free: tuple[str, ...] = RESUME_FREE) -> dict:
+    return {k: v for k, v in cfg.items() if k not in free + ("kind", "version")}
 
 
 # ------------------------------------------------------------------------ loop
@@ -263,7 +279,7 @@ def train_loop(model: nn.Module, windows, config: FinetuneConfig, out: str | os.
                           if state["config"].get(k) != config.to_dict()[k])
             raise ConfigError(f"cannot resume {out}: the run was started with different settings ({', '.join(diff)})")
         start = int(state["step"])
-        _truncate_log(log_path, start)
+        truncate_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
     n = len(windows)
