@@ -22,8 +22,8 @@ from sparsify_helpers import random_windows, tiny_llama  # noqa: E402
 def configs(sparsity):
     from actsparse.sparsify import CETT, CHESS, TEAL
 
-    return [TEAL(sparsity=sparsity), CHESS(sparsity=sparsity), TEAL(sparsity=sparsity, allocation="greedy",
-                                                                    greedy_tokens=256), CETT(sample_tokens=300)]
+    return [TEAL(sparsity=sparsity), CHESS(sparsity=sparsity),
+            TEAL(sparsity=sparsity, allocation="greedy", greedy_error="linear", greedy_tokens=256), CETT(sample_tokens=300)]
 
 
 def thresholds(model, cfgs, stats) -> list:

@@ -38,7 +38,7 @@ def test_teal_greedy_on_smollm2(smollm2):
     model, tok = smollm2
     cal = token_windows(tok, text("wiki", "calibration"), window=128, max_tokens=512)
     test = token_windows(tok, text("wiki", "test"), window=128, max_tokens=256)
-    cfg = TEAL(sparsity=0.4, allocation="greedy", greedy_step=0.1, greedy_tokens=256)
+    cfg = TEAL(sparsity=0.4, allocation="greedy", greedy_error="linear", greedy_step=0.1, greedy_tokens=256)
     sparsify_(model, cfg, calibration=cal)
     try:
         r = perplexity(model, test)

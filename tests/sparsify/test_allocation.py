@@ -19,7 +19,7 @@ GREEDY = TEAL(allocation="greedy")
 def greedy_stats():
     model = tiny_llama()
     cal = random_windows()
-    return model, cal, calibrate(model, [GREEDY], cal)
+    return model, cal, calibrate(model, [GREEDY, TEAL(allocation="greedy", greedy_error="linear")], cal)
 
 
 def _by_layer(assignments):
@@ -80,22 +80,20 @@ def test_reached_weighted_sparsity_on_calibration_data(greedy_stats, s):
         assert abs(num / den - s) <= 0.01, (layer, num / den)
 
 
-@pytest.mark.parametrize("norm", ["linear", "pooled", "sublayer", "token"])
+@pytest.mark.parametrize("norm", ["block", "linear", "pooled", "sublayer", "token"])
 @pytest.mark.parametrize("norm_layer, cheap", [("input_layernorm", "attn.q"), ("post_attention_layernorm", "mlp.gate")])
-def test_greedy_spends_sparsity_where_the_inputs_matter_least(monkeypatch, norm, norm_layer, cheap):
+def test_greedy_spends_sparsity_where_the_inputs_matter_least(norm, norm_layer, cheap):
     """Shrink 80% of the channels of a norm's gain 10^4 times: 80% of the input of the
     linears after it is almost zero, so masking it costs (almost) nothing. The greedy raises
-    that kind to about 0.8 before anything else, whatever the error normalisation."""
-    import actsparse.sparsify.allocation as al
-
-    monkeypatch.setattr(al, "ERROR_NORM", norm)
+    that kind to about 0.8 before anything else, whatever the block error."""
     model = tiny_llama()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(f"{norm_layer}.weight"):
                 p[: int(0.8 * p.numel())] *= 1e-4
     target = 0.15
-    alloc = _by_layer(plan_assignments(model, TEAL(sparsity=target, allocation="greedy"), calibration=random_windows()))
+    cfg = TEAL(sparsity=target, allocation="greedy", greedy_error=norm)
+    alloc = _by_layer(plan_assignments(model, cfg, calibration=random_windows()))
     for layer, kinds in alloc.items():
         params = _kind_params(model, layer)
         assert kinds[cheap] >= min(0.75, target * sum(params.values()) / params[cheap] - 1e-9), (layer, kinds)
@@ -103,7 +101,8 @@ def test_greedy_spends_sparsity_where_the_inputs_matter_least(monkeypatch, norm,
         assert _weighted(kinds, params) == pytest.approx(target)
 
 
-def test_greedy_beats_uniform_on_its_block_error(greedy_stats):
+@pytest.mark.parametrize("config", [GREEDY, TEAL(allocation="greedy", greedy_error="linear")], ids=["block", "linear"])
+def test_greedy_beats_uniform_on_its_block_error(greedy_stats, config):
     from actsparse.models.sitemaps import site_map
     from actsparse.sparsify.allocation import block_greedy
     from actsparse.sparsify.targets import Target
@@ -111,14 +110,14 @@ def test_greedy_beats_uniform_on_its_block_error(greedy_stats):
     model, _, stats = greedy_stats
     smap = site_map(model, warn=False)
     for layer in range(smap.num_layers):
-        g = block_greedy(Target(model, GREEDY, smap), stats, layer)
+        g = block_greedy(Target(model, config, smap), stats, layer)
         g.extend_to(0.5)
         greedy_state = next(st for w, st, _, _ in g.path if w >= 0.5 - 1e-12)
         uniform_state = {k: 10 for k in g.kinds}  # 10 x 0.05 = 0.5
         assert g.weighted(uniform_state) == pytest.approx(0.5)
         assert g.error(greedy_state) <= g.error(uniform_state)
         # the path is cached: a second lookup returns the same object (a bisection pays once)
-        assert block_greedy(Target(model, GREEDY, smap), stats, layer) is g
+        assert block_greedy(Target(model, config, smap), stats, layer) is g
 
 
 def test_greedy_plan_round_trip_and_sparse_model(greedy_stats, tmp_path):
@@ -144,6 +143,8 @@ def test_greedy_config_checks_and_variant():
     from actsparse.sparsify.registry import make_config
 
     assert make_config("teal-greedy", 0.4) == TEAL(sparsity=0.4, allocation="greedy")
+    assert make_config("teal-greedy", 0.4).greedy_error == "block"
+    assert make_config("teal-greedy-linear", 0.4) == TEAL(sparsity=0.4, allocation="greedy", greedy_error="linear")
     with pytest.raises(ConfigError, match="greedy_step"):
         TEAL(allocation="greedy", greedy_step=0)
     with pytest.raises(ConfigError, match="greedy_tokens"):

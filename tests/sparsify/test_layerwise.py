@@ -49,7 +49,8 @@ def test_layerwise_statistics_and_plans_equal_the_in_memory_ones(tiny_dir):
 
     d, model = tiny_dir
     cfgs = [TEAL(), CATS(), CHESS(selective=True), TopK(), WINA(), CETT(sample_tokens=256),
-            TEAL(allocation="greedy", greedy_tokens=256, overrides=(("model.layers.0.*", None),))]
+            TEAL(allocation="greedy", greedy_error="linear", greedy_tokens=256,
+                 overrides=(("model.layers.0.*", None),))]
     w = random_windows(pad_last=20)
     mem = calibrate(model, cfgs, w, batch_size=3)
     lw = calibrate_layerwise(d, cfgs, w, batch_size=3)
@@ -58,6 +59,18 @@ def test_layerwise_statistics_and_plans_equal_the_in_memory_ones(tiny_dir):
     for c in cfgs:
         assert same_assignments(plan_assignments(model, c, mem), assign_layerwise(d, c, lw)), c
     assert identity_layerwise(d) == weights_identity(model)
+
+
+def test_layerwise_refuses_the_block_output_greedy(tiny_dir):
+    from actsparse.errors import UnsupportedError
+    from actsparse.sparsify import TEAL
+    from actsparse.sparsify.layerwise import assign_layerwise, calibrate_layerwise
+
+    d, _ = tiny_dir
+    with pytest.raises(UnsupportedError, match="greedy_error='linear'"):
+        calibrate_layerwise(d, [TEAL(allocation="greedy")], random_windows())
+    with pytest.raises(UnsupportedError, match="greedy_error='linear'"):
+        assign_layerwise(d, TEAL(allocation="greedy"), {})
 
 
 def test_layerwise_keeps_one_layer_of_weights(tiny_dir, monkeypatch):

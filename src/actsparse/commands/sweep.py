@@ -25,7 +25,8 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     p.add_argument("--methods", default="teal,cats,chess,topk,wina",
-                   help="comma-separated: teal, teal-greedy (TEAL with the block-wise greedy allocation), "
+                   help="comma-separated: teal, teal-greedy (TEAL with the block-wise greedy allocation, block-output "
+                        "error), teal-greedy-linear (the greedy on the block's linear outputs), "
                         "teal-bias / teal-centre / teal-centre-bias (TEAL with compensation: the dropped inputs' "
                         "expected product as a bias, median-centred inputs), cats, chess, chess-selective, topk, "
                         "wina")

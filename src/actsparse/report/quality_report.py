@@ -6,12 +6,12 @@ from pathlib import Path
 
 from actsparse.report.document import Report
 
-COLORS = {"teal": "C0", "teal-greedy": "C5", "cats": "C1", "chess": "C2", "chess-selective": "C6",
-          "topk": "C3", "wina": "C4", "cett": "C7"}
+COLORS = {"teal": "C0", "teal-greedy": "C5", "teal-greedy-linear": "C8", "cats": "C1", "chess": "C2",
+          "chess-selective": "C6", "topk": "C3", "wina": "C4", "cett": "C7"}
 
 
-MARKERS = {"teal": "o", "teal-greedy": "D", "cats": "s", "chess": "^", "chess-selective": "v", "topk": "P",
-           "wina": "x", "cett": "*"}
+MARKERS = {"teal": "o", "teal-greedy": "D", "teal-greedy-linear": "d", "cats": "s", "chess": "^",
+           "chess-selective": "v", "topk": "P", "wina": "x", "cett": "*"}
 
 
 def method_color(method: str) -> str:

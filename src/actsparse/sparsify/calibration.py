@@ -2,10 +2,12 @@
 
 A :class:`Request` names one statistic a method needs: the light |v| histogram of a site
 (thresholds are its quantiles), the histogram of a per-channel-scaled score ``|v_j| * c_j``,
-or a bounded sample of raw token rows (CETT and the greedy allocation re-evaluate errors on
-them). :func:`collect` turns requests into :class:`~actsparse.measure.capture.Probe` objects
-and runs one capture over the calibration windows; requests with ``scale_from`` are filled
-in a second pass, once the statistic they read (e.g. E|u_i| for CHESS) is known.
+a bounded sample of raw token rows (CETT and the greedy allocation re-evaluate errors on
+them), or a few whole calibration sequences (their token ids: TEAL's greedy re-runs decoder
+layers on them). :func:`collect` turns requests into :class:`~actsparse.measure.capture.Probe`
+objects and runs one capture over the calibration windows; requests with ``scale_from`` are
+filled in a second pass, once the statistic they read (e.g. E|u_i| for CHESS) is known;
+sequence samples are cut from the windows themselves (no forward pass).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Request:
     scale: torch.Tensor | None = field(default=None, compare=False)  # per-channel factor: score = |v| * scale
     scale_from: str | None = None  # key of a SiteStats whose per-neuron E|v| is the scale (2nd pass)
     sample_rows: int = 0  # >0: keep up to this many raw rows (tokens) instead of a histogram
+    sample_sequences: int = 0  # >0: keep the token ids of up to this many whole windows (no capture)
+    sequence_tokens: int = 0  # ... each cut to its first this many tokens
     required: bool = True  # False: only a check of the activations (no threshold reads it), made when data is given
 
     def probe(self, scale: torch.Tensor | None) -> Probe:
@@ -38,6 +42,21 @@ class Request:
         if self.sample_rows:
             return Probe(self.key, site, "rows", rows=self.sample_rows)
         return Probe(self.key, site, "light", scale=scale)
+
+
+def sequence_sample(windows, n: int, tokens: int) -> torch.Tensor:
+    """Token ids ``(m, T)`` of ``m = min(n, full windows)`` calibration windows spread evenly
+    over ``windows``, each cut to its first ``T = min(tokens, window)`` tokens; only windows
+    without padding in those tokens are taken (a whole sequence, its causal context intact)."""
+    from actsparse.data.text import spread_indices
+
+    t = min(int(tokens), int(windows.input_ids.shape[1]))
+    full = [i for i in range(len(windows)) if bool(windows.attention_mask[i, :t].all())]
+    if not full:
+        raise DataError(f"no calibration window has {t} unpadded tokens for a sequence sample; "
+                        "pass more calibration tokens")
+    pick = [full[i] for i in spread_indices(len(full), min(int(n), len(full)))]
+    return windows.input_ids[pick, :t].clone()
 
 
 def mean_abs(st: SiteStats) -> torch.Tensor:
@@ -81,6 +100,10 @@ def collect(model: nn.Module, windows, requests: list[Request], *, batch_size: i
     world = world or dist.SINGLE
     out = dict(have or {})
     todo = [r for r in requests if r.key not in out]
+    for r in todo:
+        if r.sample_sequences:  # from the whole windows, so every rank of a world takes the same
+            out[r.key] = sequence_sample(windows, r.sample_sequences, r.sequence_tokens)
+    todo = [r for r in todo if not r.sample_sequences]
     first = [r for r in todo if r.scale_from is None]
     second = [r for r in todo if r.scale_from is not None]
     local, prior = windows, None
@@ -119,6 +142,8 @@ def check_enough(stats: dict, requests: list[Request], minimum: int = MIN_CALIBR
         v = stats.get(r.key)
         if v is None:
             continue  # an optional check that had no data to run on
+        if r.sample_sequences:
+            continue  # token ids: no quantile reads them, and they hold no activations
         rows = v.rows if isinstance(v, SiteStats) else int(v.shape[0])
         if r.required and rows < minimum:
             raise DataError(

@@ -187,6 +187,7 @@ def calibrate_layerwise(model: str | Path, configs, calibration, *, batch_size: 
     layers_prefix = "model.layers."
     n_layers = len(base.layers)
     requests = required_stats(lm, configs)  # on the skeleton: paths and kinds (scales come per layer)
+    _refuse_sequences(requests)
     outside = [r.key for r in requests if _layer_of(r.module_path, layers_prefix) is None]
     if outside:
         raise UnsupportedError(f"layer-by-layer calibration reads decoder layers only; {outside[0]} is outside them")
@@ -239,6 +240,14 @@ def calibrate_layerwise(model: str | Path, configs, calibration, *, batch_size: 
     return {r.key: out[r.key] for r in order if r.key in out}  # the in-memory order
 
 
+def _refuse_sequences(requests) -> None:
+    seq = next((r for r in requests if r.sample_sequences), None)
+    if seq is not None:
+        raise UnsupportedError(f"layer-by-layer calibration cannot give {seq.key}: TEAL's block-output greedy "
+                               "error re-runs decoder layers on the whole model's hidden states. Use "
+                               "TEAL(allocation='greedy', greedy_error='linear') with it, or calibrate in memory")
+
+
 class _LayerTarget(Target):
     """A :class:`~actsparse.sparsify.targets.Target` whose ``layers`` is one layer at a time."""
 
@@ -263,7 +272,7 @@ def assign_layerwise(model: str | Path, config, stats: dict, *, dtype: str = "fl
     lm = skeleton(directory, _DTYPES[dtype])
     handler = handler_for(config)
     target = _LayerTarget(lm, config)
-    handler.requests(target)  # the method's own refusals (a model it cannot apply to)
+    _refuse_sequences(handler.requests(target))  # and the method's own refusals (a model it cannot apply to)
     out = []
     for i in range(len(lm.model.layers)):
         layer = lm.model.layers[i]

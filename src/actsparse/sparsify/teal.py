@@ -7,7 +7,8 @@ MLP without a gate, the up projection reads the MLP input under the ``mlp.gate``
 the paper's block-wise greedy allocation (see :mod:`actsparse.sparsify.allocation`): per
 block, the kinds' sparsities are raised one ``greedy_step`` at a time, always the kind whose
 step adds the least block error per skipped parameter, until the block's parameter-weighted
-sparsity is s.
+sparsity is s, the block error measured on the true block output of a few calibration
+sequences (``greedy_error="block"``) or on the block's linear outputs (``"linear"``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from actsparse.errors import ConfigError
 from actsparse.models.sitemaps import SHARED_INPUT
-from actsparse.sparsify.allocation import row_key
+from actsparse.sparsify.allocation import ERROR_NORMS, row_key
 from actsparse.sparsify.calibration import MIN_CALIBRATION_TOKENS, Request, quantile_threshold
 from actsparse.sparsify.registry import (Assignment, Handler, SparsityConfig, register_handler, register_method,
                                          register_preset)
@@ -32,8 +33,11 @@ class TEAL(SparsityConfig):
     """``sparsity``: target fraction of zeroed inputs; ``kinds``: which input kinds to sparsify;
     ``allocation``: "uniform" or "greedy" (block-wise, parameter-weighted sparsity = ``sparsity``
     per block); ``greedy_step``: the greedy's increment of one kind's sparsity;
-    ``greedy_tokens``: calibration token rows per block on which the greedy measures the block
-    error (ignored by "uniform"); ``centre`` / ``bias_correction``: the compensations of
+    ``greedy_error``: how the greedy measures the block error: "block" (the true decoder-layer
+    output on ``greedy_sequences`` whole calibration windows, each cut to
+    ``greedy_sequence_tokens``) or a row-based error ("linear", ...) on ``greedy_tokens``
+    calibration token rows per block (see :mod:`actsparse.sparsify.allocation`; all ignored
+    by "uniform"); ``centre`` / ``bias_correction``: the compensations of
     :mod:`actsparse.sparsify.compensation` (median-centred inputs; the dropped entries' expected
     product folded into an offset), fitted on ``compensation_rows`` raw calibration rows per
     input (presets ``teal-centre``, ``teal-bias``, ``teal-centre-bias``)."""
@@ -45,6 +49,9 @@ class TEAL(SparsityConfig):
     allocation: str = "uniform"
     greedy_step: float = 0.05
     greedy_tokens: int = 512
+    greedy_error: str = "block"
+    greedy_sequences: int = 2
+    greedy_sequence_tokens: int = 128
     overrides: tuple[tuple[str, float | None], ...] = ()
     centre: bool = False
     bias_correction: bool = False
@@ -74,6 +81,12 @@ class TEAL(SparsityConfig):
         if isinstance(self.greedy_tokens, bool) or not isinstance(self.greedy_tokens, int) \
                 or self.greedy_tokens < MIN_CALIBRATION_TOKENS:
             raise ConfigError(f"greedy_tokens must be an integer >= {MIN_CALIBRATION_TOKENS}, got {self.greedy_tokens!r}")
+        if self.greedy_error not in ERROR_NORMS:
+            raise ConfigError(f"greedy_error must be one of {', '.join(ERROR_NORMS)}, got {self.greedy_error!r}")
+        for name in ("greedy_sequences", "greedy_sequence_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
 
     @property
@@ -82,6 +95,7 @@ class TEAL(SparsityConfig):
 
 
 register_preset("teal-greedy", TEAL, allocation="greedy")
+register_preset("teal-greedy-linear", TEAL, allocation="greedy", greedy_error="linear")
 register_preset("teal-bias", TEAL, bias_correction=True)
 register_preset("teal-centre", TEAL, centre=True)
 register_preset("teal-centre-bias", TEAL, centre=True, bias_correction=True)
@@ -112,9 +126,9 @@ class _TEALHandler(Handler):
                 if t.config.compensated:
                     reqs.append(Request(row_key(path, rows), path, "input", sample_rows=rows))
         if t.config.allocation == "greedy":
-            from actsparse.sparsify.allocation import row_requests
+            from actsparse.sparsify.allocation import greedy_requests
 
-            reqs += row_requests(t)
+            reqs += greedy_requests(t)
         return reqs
 
     def assign(self, t, stats):
