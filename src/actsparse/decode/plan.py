@@ -240,6 +240,11 @@ class DecodePlan:
             if not isinstance(lin, (nn.Linear, QuantLinear)):
                 raise UnsupportedError(f"{path} is a {type(lin).__name__}; FastDecoder needs nn.Linear or QuantLinear")
             if isinstance(mod, MaskedLinear) and not dense:
+                if mod.rank:
+                    raise UnsupportedError(
+                        f"{path} carries a rank-{mod.rank} low-rank remainder (R-Sparse); the FastDecoder step does "
+                        "not compute it yet: decode with accelerate_(model) and model.generate (`actsparse generate "
+                        "--engine hf`), which runs the sparse kernel plus the factors' GEMVs")
                 if mod.compensated:
                     raise UnsupportedError(
                         f"{path} carries compensation (a centre / offset, TEAL's centre or bias_correction); the "

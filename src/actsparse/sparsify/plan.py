@@ -1,6 +1,6 @@
 """Saved sparsity plans: a directory with ``plan.json`` (method, config, actsparse version,
 model identity, one entry per sparse module) and ``plan.safetensors`` (per-channel
-thresholds). No pickle. Loading is strict and refuses a plan made for another model.
+thresholds, compensation vectors, R-Sparse's low-rank factors). No pickle. Loading is strict and refuses a plan made for another model.
 
     save_plan(model, "plan/")          # model sparsified with sparsify_
     load_plan(other_model, "plan/")    # same weights layout: installs the same modules
@@ -21,8 +21,8 @@ from actsparse.quant.modules import quant_description
 FORMAT = "actsparse.plan/1"
 _TOP_KEYS = {"format", "actsparse", "method", "config", "model", "modules", "created", "meta"}
 _MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips", "width", "target", "centre",
-                "offset"}
-_VECTORS = ("centre", "offset")  # optional per-module compensation tensors
+                "offset", "factor_u", "factor_v"}
+_VECTORS = ("centre", "offset", "factor_u", "factor_v")  # optional per-module tensors (compensation, low rank)
 _REQUIRED_MODULE_KEYS = ("path", "module")
 
 
