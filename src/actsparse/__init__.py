@@ -41,7 +41,7 @@ _LAZY = {
 }
 
 # method configs (TEAL, CATS, ... and any registered later) are found in actsparse.sparsify
-_METHOD_CONFIGS = ("TEAL", "CATS", "CHESS", "TopK", "WINA", "CETT")
+_METHOD_CONFIGS = ("TEAL", "CATS", "CHESS", "TopK", "WINA", "CETT", "RSparse")
 
 __all__ = sorted(_LAZY) + list(_METHOD_CONFIGS) + ["__version__"]
 

@@ -18,7 +18,7 @@ def register(sub) -> None:
         description="Bisects one CETT value shared by all layers (per layer, the threshold on "
                     "|h_i|*||W_down[:,i]|| giving that CETT) so that validation perplexity rises by at most p%%, "
                     "and reports the sparsity reached. --methods adds a bisection on the uniform sparsity of "
-                    "other families (teal, teal-greedy, teal-greedy-linear, cats, chess, topk, wina).",
+                    "other families (teal, teal-greedy, teal-greedy-linear, rsparse, cats, chess, topk, wina).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
     p.add_argument("--p", type=float, default=1.0, help="allowed perplexity rise in percent")

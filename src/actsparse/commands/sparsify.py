@@ -68,7 +68,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "calibrate", help="calibrate a training-free sparsity method and save a plan",
         description="Run the model over calibration text, set the thresholds of a method (teal, cats, chess, "
-                    "topk, wina, cett) and write a plan directory (plan.json + plan.safetensors) that "
+                    "topk, wina, cett, rsparse) and write a plan directory (plan.json + plan.safetensors) that "
                     "`actsparse eval --plan` and load_plan() apply. Under torchrun (`torchrun --nproc-per-node N "
                     "-m actsparse calibrate ...`) each rank runs a block of the batches, the statistics are "
                     "all-reduced, and rank 0 writes the plan one process would write.",

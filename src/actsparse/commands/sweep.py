@@ -28,8 +28,9 @@ def register(sub) -> None:
                    help="comma-separated: teal, teal-greedy (TEAL with the block-wise greedy allocation, block-output "
                         "error), teal-greedy-linear (the greedy on the block's linear outputs), "
                         "teal-bias / teal-centre / teal-centre-bias (TEAL with compensation: the dropped inputs' "
-                        "expected product as a bias, median-centred inputs), cats, chess, chess-selective, topk, "
-                        "wina")
+                        "expected product as a bias, median-centred inputs), rsparse (R-Sparse: TEAL plus a low-rank estimate of the "
+                        "dropped inputs; its sparsity is the bytes-skipped budget, factors counted), cats, chess, "
+                        "chess-selective, topk, wina")
     p.add_argument("--sparsity", default="0.3,0.4,0.5,0.6,0.7", help="comma-separated targets")
     add_text_options(p)
     add_protocol_option(p)

@@ -5,7 +5,9 @@ single token (batch 1, one position, no gradient) it runs the input-sparse GEMV 
 transposed copy of its weight; for anything else (prefill, batch > 1, training) it is the
 masked dense forward it replaced. In an MLP whose activation is thresholded (CATS, CHESS,
 Top-K on the activation), the down projection's input has exact zeros: its linear becomes
-a :class:`ZeroSkipLinear` that reads only the rows of the non-zero inputs.
+a :class:`ZeroSkipLinear` that reads only the rows of the non-zero inputs. A linear with a
+low-rank remainder (R-Sparse) runs the same kernel on its kept inputs plus two small dense
+GEMVs for the factors.
 
 Quantised models (``quantize_``) run on the packed codes, no copy: a sparse linear must be
 packed transposed (``quantize_(..., plan=)``), which the input-sparse kernel reads; a zero-skipping
@@ -60,7 +62,8 @@ class KernelLinear(MaskedLinear):
     def __init__(self, masked: MaskedLinear, path: str = ""):
         super().__init__(masked.linear, masked.threshold if masked.mode == "threshold" else None,
                          mode=masked.mode, k=masked.k, site_kind=masked.site_kind, skips=masked.skips,
-                         centre=masked.centre, offset=masked.offset)
+                         centre=masked.centre, offset=masked.offset, factor_u=masked.factor_u,
+                         factor_v=masked.factor_v)
         self._token_mask = masked._token_mask
         self.counting = masked.counting
         if isinstance(masked.linear, QuantLinear):
@@ -77,9 +80,11 @@ class KernelLinear(MaskedLinear):
             return super().forward(x)
         if self.centre is not None:
             x = x - self.centre.to(x)
-        keep = self.keep_mask(x) if (self.counting or self.mode == "topk") else None
+        low_rank = self.factor_u is not None
+        keep = self.keep_mask(x) if (self.counting or self.mode == "topk" or low_rank) else None
         if self.counting:
             self._count(keep)
+        dropped = (x * ~keep).reshape(-1) if low_rank else None
         if self.mode == "topk":  # torch.topk's choice among ties, then skip the zeros
             x, thr = x * keep, 0.0
         else:
@@ -89,6 +94,8 @@ class KernelLinear(MaskedLinear):
             y = q_input_sparse_gemv(xv, self.linear.quant_weight(), thr)
         else:
             y = sparse_input_gemv(xv, self.wt, thr)
+        if low_rank:  # the factors are small and dense: two torch GEMVs
+            y = y + self.remainder(dropped)
         if self.bias is not None:
             y = y + self.bias.to(y)
         if self.offset is not None:

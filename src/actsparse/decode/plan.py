@@ -243,6 +243,11 @@ class DecodePlan:
                 raise UnsupportedError(f"{path} carries a LoRA adapter (recovery training), which FastDecoder does "
                                        "not run: merge it first (actsparse.train.lora.merge_lora_(model))")
             if isinstance(mod, MaskedLinear) and not dense:
+                if mod.rank:
+                    raise UnsupportedError(
+                        f"{path} carries a rank-{mod.rank} low-rank remainder (R-Sparse); the FastDecoder step does "
+                        "not compute it yet: decode with accelerate_(model) and model.generate (`actsparse generate "
+                        "--engine hf`), which runs the sparse kernel plus the factors' GEMVs")
                 if mod.compensated:
                     raise UnsupportedError(
                         f"{path} carries compensation (a centre / offset, TEAL's centre or bias_correction); the "

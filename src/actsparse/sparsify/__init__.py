@@ -8,6 +8,7 @@ this package registers them all (see :mod:`actsparse.sparsify.registry`).
 from actsparse.sparsify.cats import CATS
 from actsparse.sparsify.cett import CETT
 from actsparse.sparsify.chess import CHESS
+from actsparse.sparsify.rsparse import RSparse
 from actsparse.sparsify.teal import TEAL
 from actsparse.sparsify.topk import TopK
 from actsparse.sparsify.wina import WINA
@@ -17,7 +18,7 @@ from actsparse.sparsify.modules import (MaskedLinear, ThresholdedActivation, byt
 from actsparse.sparsify.registry import (Handler, SparsityConfig, make_config, method_names,  # noqa: E402
                                          preset_names, register_handler, register_method, register_preset)
 
-__all__ = ["TEAL", "CATS", "CHESS", "TopK", "WINA", "CETT", "sparsify_", "desparsify_", "calibrate",
+__all__ = ["TEAL", "CATS", "CHESS", "TopK", "WINA", "CETT", "RSparse", "sparsify_", "desparsify_", "calibrate",
            "is_sparsified", "MaskedLinear", "ThresholdedActivation", "iter_sparse_modules",
            "reached_sparsity", "reset_counts", "bytes_skipped", "Handler", "SparsityConfig", "make_config",
            "method_names", "preset_names", "register_handler", "register_method", "register_preset"]

@@ -144,7 +144,7 @@ def _build(model: nn.Module, a: Assignment) -> nn.Module:
     original = model.get_submodule(a.path)
     if a.module == "linear":
         return MaskedLinear(original, a.threshold, mode=a.mode, k=a.k, site_kind=a.site_kind, skips=a.skips,
-                            centre=a.centre, offset=a.offset)
+                            centre=a.centre, offset=a.offset, factor_u=a.factor_u, factor_v=a.factor_v)
     if a.module == "act":
         return ThresholdedActivation(original, a.width, a.threshold, mode=a.mode, k=a.k, site_kind=a.site_kind,
                                      skips=a.skips)

@@ -218,11 +218,18 @@ class MaskedLinear(SparseModule):
     (``out_features``) is added after it: ``linear((x - c) * keep(x - c)) + offset``. The
     offset holds ``W c`` (so that nothing changes while no entry is dropped) plus, with bias
     correction, the expected product of the dropped entries.
+
+    Low-rank remainder (optional, R-Sparse, see :mod:`actsparse.sparsify.rsparse`):
+    ``factor_v`` (rank x in, ``S_r V_r^T``) and ``factor_u`` (out x rank, ``U_r``) approximate
+    the dropped entries' product: ``linear(x * keep) + U_r (S_r V_r^T (x * ~keep))``. They are
+    held in the weight's dtype, and their ``rank * (in + out)`` weights are read per token on
+    top of the kept columns (:attr:`extra_weights`, counted by :func:`bytes_skipped`).
     """
 
     def __init__(self, linear: nn.Module, threshold=None, *, mode: str = "threshold", k: int | None = None,
                  site_kind: str | None = None, skips: tuple[str, ...] = (), centre: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None):
+                 offset: torch.Tensor | None = None, factor_u: torch.Tensor | None = None,
+                 factor_v: torch.Tensor | None = None):
         super().__init__()
         quantized = isinstance(linear, QuantLinear)
         if not (is_linear(linear) or quantized):
@@ -242,10 +249,30 @@ class MaskedLinear(SparseModule):
         self.offset = _compensation_vector(offset, self.out_features, "offset")
         # a trainable term on the masked input (a LoRA of recovery training): linear(xm) + adapter(xm)
         self.adapter: nn.Module | None = None
+        dtype = linear.weight.dtype if hasattr(linear, "weight") and not quantized else torch.float32
+        u, v = _low_rank_factors(factor_u, factor_v, self.in_features, self.out_features, dtype)
+        # buffers, not in the state_dict: model.to() moves them, the checkpoint stays the dense model's
+        self.register_buffer("factor_u", u, persistent=False)
+        self.register_buffer("factor_v", v, persistent=False)
 
     @property
     def compensated(self) -> bool:
         return self.centre is not None or self.offset is not None
+
+    @property
+    def rank(self) -> int:
+        """Rank of the low-rank remainder (0: none, the plain masked product)."""
+        return 0 if self.factor_u is None else int(self.factor_u.shape[1])
+
+    @property
+    def extra_weights(self) -> int:
+        """Weights read per token besides the kept columns of the linear: the low-rank factors."""
+        return self.rank * (self.in_features + self.out_features)
+
+    def remainder(self, dropped: torch.Tensor) -> torch.Tensor:
+        """``U_r (S_r V_r^T dropped)``: the low-rank estimate of the dropped entries' product."""
+        v, u = self.factor_v.to(dropped), self.factor_u.to(dropped)
+        return torch.nn.functional.linear(torch.nn.functional.linear(dropped, v), u)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
@@ -257,13 +284,35 @@ class MaskedLinear(SparseModule):
             self._count(keep)
         xm = apply_mask(x, keep, self.straight_through)
         y = self.linear(xm)
+        if self.factor_u is not None:
+            y = y + self.remainder(x * ~keep)
         if self.adapter is not None:
             y = y + self.adapter(xm)
         return y if self.offset is None else y + self.offset.to(y)
 
     def extra_repr(self) -> str:
         comp = "".join(f", {n}" for n in ("centre", "offset") if getattr(self, n) is not None)
+        if self.rank:
+            comp += f", low-rank remainder r={self.rank}"
         return f"in={self.in_features}, out={self.out_features}, {self._extra()}{comp}"
+
+
+def _low_rank_factors(u, v, width: int, out: int, dtype: torch.dtype):
+    """Validated ``(factor_u, factor_v)`` (out x r, r x in) in ``dtype``, or ``(None, None)``."""
+    if u is None and v is None:
+        return None, None
+    if u is None or v is None:
+        raise ConfigError("a low-rank remainder needs both factors (factor_u: out x rank, factor_v: rank x in)")
+    u = torch.as_tensor(u).detach()
+    v = torch.as_tensor(v).detach()
+    if u.ndim != 2 or v.ndim != 2 or u.shape[0] != out or v.shape[1] != width or u.shape[1] != v.shape[0]:
+        raise ConfigError(f"low-rank factors of shapes {tuple(u.shape)} and {tuple(v.shape)} do not fit a linear "
+                          f"of {width} inputs and {out} outputs (expected ({out}, r) and (r, {width}))")
+    if u.shape[1] == 0:
+        return None, None
+    if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        raise ConfigError("low-rank factors hold non-finite values (a damaged plan?)")
+    return u.to(dtype).contiguous(), v.to(dtype).contiguous()
 
 
 def _compensation_vector(v, width: int, name: str) -> torch.Tensor | None:
@@ -402,10 +451,13 @@ def bytes_skipped(model: nn.Module, *, nominal: dict[str, float] | None = None) 
     params = block_linear_params(model)
     total = sum(params.values())
     skipped: dict[str, float] = {}
+    extra = 0  # weights read besides the linears' own (R-Sparse's low-rank factors), counted against the skips
     for path, m in iter_sparse_modules(model):
         s = nominal.get(path, math.nan) if nominal is not None else m.reached
         if math.isnan(s):
             continue
         for target in m.skips:
             skipped[target] = max(skipped.get(target, 0.0), s)
-    return sum(params.get(p, 0) * s for p, s in skipped.items()) / total if total else math.nan
+        extra += getattr(m, "extra_weights", 0)
+    saved = sum(params.get(p, 0) * s for p, s in skipped.items()) - extra
+    return saved / total if total else math.nan

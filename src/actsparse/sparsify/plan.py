@@ -1,6 +1,6 @@
 """Saved sparsity plans: a directory with ``plan.json`` (method, config, actsparse version,
 model identity, one entry per sparse module) and ``plan.safetensors`` (per-channel
-thresholds). No pickle. Loading is strict and refuses a plan made for another model.
+thresholds, compensation vectors, R-Sparse's low-rank factors). No pickle. Loading is strict and refuses a plan made for another model.
 
     save_plan(model, "plan/")          # model sparsified with sparsify_
     load_plan(other_model, "plan/")    # same weights layout: installs the same modules
@@ -21,8 +21,8 @@ from actsparse.quant.modules import quant_description
 FORMAT = "actsparse.plan/1"
 _TOP_KEYS = {"format", "actsparse", "method", "config", "model", "modules", "created", "meta"}
 _MODULE_KEYS = {"path", "module", "site_kind", "mode", "threshold", "k", "skips", "width", "target", "centre",
-                "offset"}
-_VECTORS = ("centre", "offset")  # optional per-module compensation tensors
+                "offset", "factor_u", "factor_v"}
+_VECTORS = ("centre", "offset", "factor_u", "factor_v")  # optional per-module tensors (compensation, low rank)
 _REQUIRED_MODULE_KEYS = ("path", "module")
 
 
@@ -185,7 +185,7 @@ def awq_adjusted(model: nn.Module, assignments, what: str) -> list:
     """The assignments in the input space of an AWQ-quantised model: a linear whose inputs were
     divided by s (``QuantLinear.input_scale``) reads x' = x / s, so a test ``|x - c| > t`` made on
     the dense model becomes ``|x' - c / s| > t / s`` (per channel; s > 0): the same channels kept,
-    the same outputs. A top-k test is not scale-equivariant and is refused."""
+    the same outputs; R-Sparse's ``S V^T`` (rank x in) reads x' with its columns times s. A top-k test is not scale-equivariant and is refused."""
     from dataclasses import replace
 
     out = []
@@ -200,5 +200,6 @@ def awq_adjusted(model: nn.Module, assignments, what: str) -> list:
                               "AWQ model")
         thr = torch.as_tensor(a.threshold, dtype=torch.float32).to(s.device)
         out.append(replace(a, threshold=thr / s,
-                           centre=None if a.centre is None else a.centre.to(s) / s))
+                           centre=None if a.centre is None else a.centre.to(s) / s,
+                           factor_v=None if a.factor_v is None else a.factor_v.to(s) * s))
     return out

@@ -107,6 +107,8 @@ class Assignment:
     target: float | None = None  # nominal sparsity of this site
     centre: torch.Tensor | None = None  # "linear" with compensation: per-input centre
     offset: torch.Tensor | None = None  # ... and per-output offset (see sparsify.compensation)
+    factor_u: torch.Tensor | None = None  # "linear" with a low-rank remainder (R-Sparse): U_r, out x rank
+    factor_v: torch.Tensor | None = None  # ... and S_r V_r^T, rank x in (see sparsify.rsparse)
 
 
 class Handler:
