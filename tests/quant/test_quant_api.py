@@ -200,7 +200,9 @@ def test_a_dense_plan_on_the_awq_model_keeps_the_dense_plans_channels(tmp_path):
     assert float((_logits(folded, win) - ref).abs().max()) > 1e-2
 
     quantised = copy.deepcopy(dense)
-    desc = quantize_(quantised, Q4Config(awq=True, sample_rows=128), calibration=win, plan=tmp_path / "plan")
+    # packed by rows (quantised for the plan, every TEAL linear would be transposed, where AWQ
+    # skips the groups): the plan runs on the torch path, the case the division is for
+    desc = quantize_(quantised, Q4Config(awq=True, sample_rows=128), calibration=win)
     assert sum(v["input_scale"] for v in desc["linears"].values()) == 14
     save_quantized(quantised, tmp_path / "q")
     quantised = load_quantized(_tiny(), tmp_path / "q")  # the scales travel with the file
@@ -228,3 +230,16 @@ def test_a_top_k_plan_is_refused_on_an_awq_model(tmp_path):
     quantize_(dense, Q4Config(awq=True, sample_rows=64), calibration=win)
     with pytest.raises(ConfigError, match="top-k"):
         asp.load_plan(dense, tmp_path / "plan")
+
+
+def test_awq_skips_transposed_groups_and_producers():
+    """A transposed group's rounding is equivariant to its input scales (nothing to gain), and a
+    transposed producer would be re-rounded by the fold: both skipped, with the reason."""
+    model, win = _tiny(), _windows()
+    desc = quantize_(model, Q4Config(awq=True, sample_rows=64, transposed=("mlp.down", "attn.v")), calibration=win)
+    rec = desc["awq"]
+    assert "packed transposed" in rec["model.layers.0.mlp.down"]["skipped"]
+    assert "producer" in rec["model.layers.0.attn.o"]["skipped"]
+    assert "packed transposed" in rec["model.layers.0.attn.qkv"]["skipped"]  # v is transposed
+    assert "alpha" in rec["model.layers.0.mlp.gate_up"]
+    assert not any(v["input_scale"] for p, v in desc["linears"].items() if "down_proj" in p or "o_proj" in p)
