@@ -249,6 +249,28 @@ def _comparable(cfg: dict, free: tuple[str, ...] = RESUME_FREE) -> dict:
     return {k: v for k, v in cfg.items() if k not in free + ("kind", "version")}
 
 
+def resume_or_start(out: Path, resume: bool, model: nn.Module, optimizer, config, *,
+                    free: tuple[str, ...] = RESUME_FREE, params: dict[str, torch.Tensor] | None = None) -> int:
+    """The step a run in ``out`` starts at: 0 for a fresh run (an old log removed), or the latest
+    checkpoint's step (model, ``params`` and optimizer restored; log lines after it dropped),
+    refusing a checkpoint made with other settings than ``config`` (keys in ``free`` may differ)."""
+    log_path = out / "log.jsonl"
+    if not (out / "latest.json").is_file():
+        if log_path.exists():
+            log_path.unlink()
+        return 0
+    if not resume:
+        raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    state = load_checkpoint(out, model, optimizer, params=params)
+    now = config.to_dict()
+    if _comparable(state["config"], free) != _comparable(now, free):
+        diff = sorted(k for k in _comparable(now, free) if state["config"].get(k) != now[k])
+        raise ConfigError(f"cannot resume {out}: the run was started with different settings ({', '.join(diff)})")
+    start = int(state["step"])
+    truncate_log(log_path, start)
+    return start
+
+
 # ------------------------------------------------------------------------ loop
 def train_loop(model: nn.Module, windows, config: FinetuneConfig, out: str | os.PathLike, *,
                resume: bool = False, progress: bool = True,
@@ -269,19 +291,7 @@ def train_loop(model: nn.Module, windows, config: FinetuneConfig, out: str | os.
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     log_path = out / "log.jsonl"
-    start = 0
-    if (out / "latest.json").is_file():
-        if not resume:
-            raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-        state = load_checkpoint(out, model, optimizer)
-        if _comparable(state["config"]) != _comparable(config.to_dict()):
-            diff = sorted(k for k in _comparable(config.to_dict())
-                          if state["config"].get(k) != config.to_dict()[k])
-            raise ConfigError(f"cannot resume {out}: the run was started with different settings ({', '.join(diff)})")
-        start = int(state["step"])
-        truncate_log(log_path, start)
-    elif log_path.exists():
-        log_path.unlink()
+    start = resume_or_start(out, resume, model, optimizer, config)
     n = len(windows)
     model.train()
     extra = {"use_cache": False} if "use_cache" in _forward_params(model) else {}

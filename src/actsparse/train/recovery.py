@@ -36,7 +36,7 @@ from actsparse.errors import ConfigError, DataError, StateError
 from actsparse.io import read_json, write_json, write_safetensors
 from actsparse.sparsify.modules import iter_sparse_modules, reached_sparsity, reset_counts, straight_through
 from actsparse.train.distill import kl_on_logits
-from actsparse.train.loop import batch_indices, load_checkpoint, save_checkpoint, truncate_log
+from actsparse.train.loop import batch_indices, resume_or_start, save_checkpoint
 
 TRAINABLE = ("lora", "norms")
 FORMAT = "actsparse.recovery/1"
@@ -144,8 +144,6 @@ def _forward_logits(model: nn.Module, ids, mask) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE + ("kind", "version")}
 
 
 def recovery_loop(student: nn.Module, teacher: nn.Module, windows, config: RecoveryConfig,
@@ -167,18 +165,7 @@ def recovery_loop(student: nn.Module, teacher: nn.Module, windows, config: Recov
     plist = list(params.values())
     optimizer = torch.optim.AdamW(plist, lr=config.lr, weight_decay=config.weight_decay)
     log_path = out / "log.jsonl"
-    start = 0
-    if (out / "latest.json").is_file():
-        if not resume:
-            raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-        state = load_checkpoint(out, student, optimizer, params=params)
-        if _comparable(state["config"]) != _comparable(config.to_dict()):
-            diff = sorted(k for k in _comparable(config.to_dict()) if state["config"].get(k) != config.to_dict()[k])
-            raise ConfigError(f"cannot resume {out}: the run was started with different settings ({', '.join(diff)})")
-        start = int(state["step"])
-        truncate_log(log_path, start)
-    elif log_path.exists():
-        log_path.unlink()
+    start = resume_or_start(out, resume, student, optimizer, config, free=RESUME_FREE, params=params)
     n = len(windows)
     tokens = sum(int(windows.attention_mask[batch_indices(s, config.batch_size, n, config.seed)].sum())
                  for s in range(start))
