@@ -173,7 +173,8 @@ class AccelerationReport:
 
     def to_dict(self) -> dict:
         return {"kernel_linears": self.kernel_linears, "zero_skip_linears": self.zero_skip_linears,
-                "quant_dense_linears": self.quant_dense_linears, "transposed_copy_bytes": self.transposed_copy_bytes, "model_weight_bytes": self.model_weight_bytes,
+                "quant_dense_linears": self.quant_dense_linears, "transposed_copy_bytes": self.transposed_copy_bytes,
+                "model_weight_bytes": self.model_weight_bytes,
                 "copy_overhead": self.copy_overhead}
 
     def __str__(self) -> str:

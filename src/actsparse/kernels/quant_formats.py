@@ -34,10 +34,10 @@ Formats (``M`` of shape (R, C), C a multiple of 32, ``nb = C / 32`` blocks per r
     has codes 0), ``code = round_half_even((m - min) / scale)`` with those fp16 values, clamped
     to [0, 15].
 
-Scales and mins are fp16, as in GGUF's blocks (so its files load bit for bit): with fp32 ones
-a q4 weight took 0.75 bytes and decoded at 0.70-0.85x llama.cpp's Q4_0 at the same bytes per
-second. The kernels widen them to fp32 (``vcvtph2ps``); numba has no float16 type, so the numpy
-views the kernels get hold their bits as uint16 (:meth:`QuantWeight.numpy`).
+Scales and mins are fp16, as in GGUF's blocks (so its files load bit for bit, and a q4 weight
+takes 0.625 bytes, not the 0.75 of fp32 ones). The kernels widen them to fp32 (``vcvtph2ps``);
+numba has no float16 type, so the numpy views the kernels get hold their bits as uint16
+(:meth:`QuantWeight.numpy`).
 
 Shapes whose block axis is not a multiple of 32 are refused (:class:`UnsupportedError`
 naming the shape), never padded: a padded block would change what the kernels read past the

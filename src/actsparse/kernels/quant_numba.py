@@ -14,7 +14,7 @@ Every kernel takes a weight as ``(codes, scales, mins)`` numpy arrays, scales an
 uint16 bits of fp16 values (``mins`` an empty (0, 0) array for int8; :meth:`QuantWeight.numpy`);
 the codes' dtype (int8 or uint8) picks the format at compile time. A row dot first widens its
 row's scales into a small fp32 buffer (``cs``, one per call), so that the element loop looks
-up fp32 values as before. ``x`` is float32 or uint16 (bf16 bits), ``out`` float32 or uint16 (rounded to bf16 as
+up fp32 values. ``x`` is float32 or uint16 (bf16 bits), ``out`` float32 or uint16 (rounded to bf16 as
 torch does). Thresholds and selections follow :mod:`actsparse.kernels.numba_cpu`. Shapes are
 checked by the torch-facing wrappers (:mod:`actsparse.kernels.quant_dispatch`), not here.
 """

@@ -185,7 +185,8 @@ def awq_adjusted(model: nn.Module, assignments, what: str) -> list:
     """The assignments in the input space of an AWQ-quantised model: a linear whose inputs were
     divided by s (``QuantLinear.input_scale``) reads x' = x / s, so a test ``|x - c| > t`` made on
     the dense model becomes ``|x' - c / s| > t / s`` (per channel; s > 0): the same channels kept,
-    the same outputs; R-Sparse's ``S V^T`` (rank x in) reads x' with its columns times s. A top-k test is not scale-equivariant and is refused."""
+    the same outputs; R-Sparse's ``S V^T`` (rank x in) reads x' with its columns times s. A top-k
+    test is not scale-equivariant and is refused."""
     from dataclasses import replace
 
     out = []
