@@ -79,11 +79,12 @@ def measure(bundle, *, tokens: int, calib_tokens: int, window: int, sample_rows:
             entry["bytes_skipped"] = r.bytes_skipped
         if desc and desc["awq"]:
             alphas = [v["alpha"] for v in desc["awq"].values() if "alpha" in v]
-            entry["awq_alpha_mean"] = sum(alphas) / len(alphas)
             entry["awq_groups"] = len(alphas)
             entry["awq_skipped"] = {k: v["skipped"] for k, v in desc["awq"].items() if "skipped" in v}
-            entry["awq_rel_err"] = sum(v["rel_err"] for v in desc["awq"].values() if "alpha" in v) / len(alphas)
-            entry["rtn_rel_err"] = sum(v["rel_err_rtn"] for v in desc["awq"].values() if "alpha" in v) / len(alphas)
+            if alphas:  # every group skipped (e.g. all packed transposed for TEAL): AWQ is RTN
+                entry["awq_alpha_mean"] = sum(alphas) / len(alphas)
+                entry["awq_rel_err"] = sum(v["rel_err"] for v in desc["awq"].values() if "alpha" in v) / len(alphas)
+                entry["rtn_rel_err"] = sum(v["rel_err_rtn"] for v in desc["awq"].values() if "alpha" in v) / len(alphas)
         out[key] = entry
         print(f"{key:>24}: ppl {r.ppl:.3f}", flush=True)
         del m
