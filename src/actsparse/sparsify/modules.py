@@ -369,33 +369,29 @@ def activation_name(act: nn.Module) -> str:
 
 
 @contextmanager
+def _flag_set(model: nn.Module, flag: str):
+    """Within the block, ``flag`` is True on every sparse module of ``model``; restored after."""
+    modules = [m for _, m in iter_sparse_modules(model)]
+    before = [getattr(m, flag) for m in modules]
+    for m in modules:
+        setattr(m, flag, True)
+    try:
+        yield model
+    finally:
+        for m, b in zip(modules, before):
+            setattr(m, flag, b)
+
+
 def straight_through(model: nn.Module):
     """Within the block, the masks of every sparse module of ``model`` pass gradients straight
     through (forward unchanged): what recovery training trains through."""
-    modules = [m for _, m in iter_sparse_modules(model)]
-    before = [m.straight_through for m in modules]
-    for m in modules:
-        m.straight_through = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(modules, before):
-            m.straight_through = b
+    return _flag_set(model, "straight_through")
 
 
-@contextmanager
 def dense_forward(model: nn.Module):
     """Within the block, every sparse module of ``model`` computes its dense original (no
     masking, no counting): the dense baseline on a sparsified model, e.g. a dense prefill."""
-    modules = [m for _, m in iter_sparse_modules(model)]
-    before = [m.bypass for m in modules]
-    for m in modules:
-        m.bypass = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(modules, before):
-            m.bypass = b
+    return _flag_set(model, "bypass")
 
 
 def iter_sparse_modules(model: nn.Module) -> Iterator[tuple[str, SparseModule]]:
