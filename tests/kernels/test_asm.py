@@ -41,9 +41,11 @@ def test_accumulate_and_dot_use_packed_ymm_fma(wdtype):
     acc = np.empty(100, np.float32)
     acc_k = _fresh(P.accumulate_rows)
     acc_k(wt, idx, vals, 0, 16, acc)
+    runs_k = _fresh(P.accumulate_runs)
+    runs_k(wt, idx, vals, 0, 16, acc)
     dot = _fresh(P.dot)
     dot(wt, 0, np.ones(100, np.float32))
-    for kernel in (acc_k, dot):
+    for kernel in (acc_k, runs_k, dot):
         asm = "\n".join(kernel.inspect_asm().values())
         fma = re.findall(r"vfmadd\w*ps[^\n]*%ymm", asm)
         assert fma, f"{kernel.py_func.__name__}: no packed ymm FMA in the assembly"

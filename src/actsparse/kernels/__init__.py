@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from actsparse.kernels.dispatch import (
     backend,
+    expert_mlp_step,
     gated_mlp_step,
     numba_enabled,
     sparse_input_gemv,
@@ -26,6 +27,7 @@ from actsparse.kernels.dispatch import (
 
 __all__ = [
     "backend",
+    "expert_mlp_step",
     "gated_mlp_step",
     "numba_enabled",
     "sparse_input_gemv",

@@ -249,3 +249,47 @@ def gated_mlp_step(
     if out is None and x.dim() != 1:
         y = y.reshape(*x.shape[:-1], D)
     return (y, int(n)) if return_active else y
+
+
+def expert_mlp_step(x, w_gate, w_up, wt_down, router_weight, router_bias, top_k: int, act: str = "silu", out=None,
+                    *, return_chosen: bool = False):
+    """Expert-block gated MLP for one token (Read-ME-style experts, :mod:`actsparse.moe`).
+
+    The neurons are in E contiguous experts of m = intermediate / E (``moe.permute_mlp_``
+    puts them so); the router ``router_weight x + router_bias`` (E x hidden, E) picks the
+    top_k experts, and only their m rows of w_gate and w_up and m rows of the transposed down
+    weight ``wt_down`` are read: whole blocks, which stream at the dense speed where CATS's
+    scattered rows do not. Equal to :func:`~actsparse.kernels.reference.expert_mlp_step_ref`
+    (ties between router scores may pick other experts). With ``return_chosen``:
+    (y, the chosen experts, ascending)."""
+    if act not in ref.ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ref.ACTIVATIONS)}")
+    if w_gate.dim() != 2 or w_up.shape != w_gate.shape or wt_down.shape != w_gate.shape:
+        raise ValueError("w_gate and w_up must be (intermediate x hidden) and wt_down the transposed down weight "
+                         f"of the same shape; got {tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(wt_down.shape)}")
+    F_, D = w_gate.shape
+    E = router_weight.shape[0] if router_weight.dim() == 2 else -1
+    if router_weight.dim() != 2 or router_weight.shape[1] != D or tuple(router_bias.shape) != (E,):
+        raise ValueError(f"the router must be (experts x {D}) with a bias of (experts,); got "
+                         f"{tuple(router_weight.shape)} and {tuple(router_bias.shape)}")
+    if E < 1 or F_ % E:
+        raise ValueError(f"{E} experts do not split {F_} neurons evenly; choose E dividing {F_}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in 1..{E} (the number of experts), got {top_k}")
+    if x.shape[-1] != D:
+        raise ValueError(f"x has {x.shape[-1]} features, the MLP expects {D}")
+    xv = _single(x, D)
+    if xv is None or not _use_kernel("expert_mlp_step", x, w_gate, w_up, wt_down, router_weight):
+        return ref.expert_mlp_step_ref(x, w_gate, w_up, wt_down, router_weight, router_bias, top_k, act, out,
+                                       return_chosen=return_chosen)
+    nc = _load_numba()
+    y = _out_tensor(out, D, x.dtype)
+    chosen = np.empty(top_k, np.int64)
+    nc.expert_mlp(numpy_view(_contig(xv, "x")), numpy_view(_contig(w_gate, "w_gate")),
+                  numpy_view(_contig(w_up, "w_up")), numpy_view(_contig(wt_down, "wt_down")),
+                  numpy_view(_contig(router_weight, "router_weight")),
+                  router_bias.detach().to(torch.float32).contiguous().numpy(), top_k, nc.ACT_CODES[act], chosen,
+                  numpy_view(y), kernel_threads())
+    if out is None and x.dim() != 1:
+        y = y.reshape(*x.shape[:-1], D)
+    return (y, torch.from_numpy(chosen)) if return_chosen else y

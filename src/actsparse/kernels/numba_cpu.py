@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from actsparse.kernels.primitives import (JIT, activate, chunk, chunk_aligned, compact, dot_range, dot_rows,
-                                          sparse_cols_matvec, sparse_rows_matvec, store, widen)
+from actsparse.kernels.primitives import (JIT, accumulate_runs, activate, chunk, chunk_aligned, compact, dot_range,
+                                          dot_rows, runs_matvec, sparse_cols_matvec, sparse_rows_matvec, store,
+                                          widen)
 from actsparse.kernels.reference import ACT_CODES
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "output_sparse_gemv_rows",
     "gated_mlp",
     "dense_gemv_rows",
+    "expert_mlp",
     "ACT_CODES",
     "KERNELS",
 ]
@@ -175,6 +177,64 @@ def gated_mlp(x, w_gate, w_up, wt_down, thr, ts, act_code, out, nthreads):
     return n
 
 
+# ---------------------------------------------------------------------------
+# expert-block MLP step (Read-ME style experts: contiguous blocks of neurons)
+# ---------------------------------------------------------------------------
+@njit(parallel=True, **JIT)
+def _rows_gate_up(xf, w_gate, w_up, rows, n, act_code, h, nthreads):
+    """h[k] = act(w_gate[rows[k]] . xf) * (w_up[rows[k]] . xf) for k < n."""
+    g = np.empty(n, np.float32)
+    for t in prange(nthreads):
+        k0, k1 = chunk(t, nthreads, n)
+        dot_rows(w_gate, rows, k0, k1, xf, g)
+        dot_rows(w_up, rows, k0, k1, xf, h)
+        for k in range(k0, k1):
+            h[k] = activate(g[k], act_code) * h[k]
+
+
+@njit(**JIT)
+def expert_mlp(x, w_gate, w_up, wt_down, w_router, b_router, top_k, act_code, chosen, out, nthreads):
+    """One token of a gated MLP split into E contiguous experts, top_k of them computed.
+
+    scores = w_router @ x + b_router; the top_k experts (``chosen``, ascending) are those of
+    the highest scores (ties may be broken otherwise than torch.topk); expert e owns neurons
+    [e*m, (e+1)*m), m = F / E; h = act(w_gate x) * (w_up x) on their rows only;
+    out = sum over their neurons of h_i wt_down[i, :]. x: (D,); w_gate, w_up: (F, D);
+    wt_down: (F, D), the transposed down weight; w_router: (E, D), all float32 or uint16
+    (bf16 bits); b_router: (E,) float32; chosen: (top_k,) int64. Returns the neurons read.
+    With one thread no parallel region is entered."""
+    F = w_gate.shape[0]
+    E = w_router.shape[0]
+    m = F // E
+    xf = widen(x)
+    scores = np.empty(E, np.float32)
+    dot_range(w_router, 0, E, xf, scores)
+    for e in range(E):
+        scores[e] = -(scores[e] + b_router[e])
+    sel = np.sort(np.argsort(scores)[:top_k])
+    n = top_k * m
+    rows = np.empty(n, np.int64)
+    for c in range(top_k):
+        chosen[c] = sel[c]
+        for i in range(m):
+            rows[c * m + i] = sel[c] * m + i
+    h = np.empty(n, np.float32)
+    if nthreads == 1:
+        g = np.empty(n, np.float32)
+        dot_rows(w_gate, rows, 0, n, xf, g)
+        dot_rows(w_up, rows, 0, n, xf, h)
+        for k in range(n):
+            h[k] = activate(g[k], act_code) * h[k]
+        acc = np.empty(out.shape[0], np.float32)
+        accumulate_runs(wt_down, rows, h, 0, n, acc)
+        for j in range(out.shape[0]):
+            store(out, j, acc[j])
+    else:
+        _rows_gate_up(xf, w_gate, w_up, rows, n, act_code, h, nthreads)
+        runs_matvec(wt_down, rows, h, n, out, nthreads)
+    return n
+
+
 KERNELS = {
     "input_sparse_gemv": input_sparse_gemv,
     "input_sparse_gemv_colsplit": input_sparse_gemv_colsplit,
@@ -182,4 +242,5 @@ KERNELS = {
     "output_sparse_gemv_rows": output_sparse_gemv_rows,
     "dense_gemv_rows": dense_gemv_rows,
     "gated_mlp": gated_mlp,
+    "expert_mlp": expert_mlp,
 }

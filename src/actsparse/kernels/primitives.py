@@ -186,15 +186,29 @@ def chunk_aligned(t, nt, n):
     return j0, j1
 
 
+@njit(**JIT)
+def accumulate_runs(wt, idx, vals, k0, k1, acc):
+    """acc[:] = sum_{k0 <= k < k1} vals[k] * wt[idx[k], :], one row per pass.
+
+    For rows that come in contiguous runs (expert blocks): the rows then stream as one
+    sequence, which one row per pass reads at the dense dot's speed, where eight
+    interleaved rows (:func:`accumulate_rows`, better for scattered rows) read about two
+    thirds of it (measured here, SmolLM2's 576-wide bf16 rows, one thread, cold: 21.7
+    against 13.7 GB/s)."""
+    m = acc.shape[0]
+    for j in range(m):
+        acc[j] = 0.0
+    for k in range(k0, k1):
+        r0 = wt[idx[k]]
+        v0 = vals[k]
+        for j in range(m):
+            acc[j] += v0 * to_f32(r0[j])
+
+
 @njit(parallel=True, **JIT)
-def sparse_rows_matvec(wt, idx, vals, n, out, nthreads):
-    """out = sum_{k<n} vals[k] * wt[idx[k], :] with the active rows split over
-    threads (per-thread fp32 accumulators), then a column-parallel reduction."""
-    N = wt.shape[1]
-    part = np.empty((nthreads, N), np.float32)
-    for t in prange(nthreads):
-        k0, k1 = chunk(t, nthreads, n)
-        accumulate_rows(wt, idx, vals, k0, k1, part[t])
+def _reduce_parts(part, out, nthreads):
+    """out = sum of the per-thread accumulators part[t], column blocks split over threads."""
+    N = part.shape[1]
     for t in prange(nthreads):
         j0, j1 = chunk_aligned(t, nthreads, N)
         for u in range(1, nthreads):
@@ -202,6 +216,27 @@ def sparse_rows_matvec(wt, idx, vals, n, out, nthreads):
                 part[0, j] += part[u, j]
         for j in range(j0, j1):
             store(out, j, part[0, j])
+
+
+@njit(parallel=True, **JIT)
+def sparse_rows_matvec(wt, idx, vals, n, out, nthreads):
+    """out = sum_{k<n} vals[k] * wt[idx[k], :] with the active rows split over
+    threads (per-thread fp32 accumulators), then a column-parallel reduction."""
+    part = np.empty((nthreads, wt.shape[1]), np.float32)
+    for t in prange(nthreads):
+        k0, k1 = chunk(t, nthreads, n)
+        accumulate_rows(wt, idx, vals, k0, k1, part[t])
+    _reduce_parts(part, out, nthreads)
+
+
+@njit(parallel=True, **JIT)
+def runs_matvec(wt, idx, vals, n, out, nthreads):
+    """:func:`sparse_rows_matvec` for rows in contiguous runs (:func:`accumulate_runs`)."""
+    part = np.empty((nthreads, wt.shape[1]), np.float32)
+    for t in prange(nthreads):
+        k0, k1 = chunk(t, nthreads, n)
+        accumulate_runs(wt, idx, vals, k0, k1, part[t])
+    _reduce_parts(part, out, nthreads)
 
 
 @njit(parallel=True, **JIT)

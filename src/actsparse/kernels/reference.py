@@ -21,6 +21,7 @@ __all__ = [
     "sparse_input_gemv_ref",
     "sparse_output_gemv_ref",
     "gated_mlp_step_ref",
+    "expert_mlp_step_ref",
 ]
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
@@ -127,6 +128,23 @@ def gated_mlp_step_ref(
     if return_active:
         return y, int(keep.sum())
     return y
+
+
+def expert_mlp_step_ref(x, w_gate, w_up, wt_down, router_weight, router_bias, top_k: int, act: str = "silu",
+                        out=None, *, return_chosen: bool = False, compute_dtype=torch.float32):
+    """Expert-block gated MLP for one token, dense on the masked neurons: the top_k experts
+    by ``router_weight x + router_bias``; expert e owns neurons [e*m, (e+1)*m), m = F / E;
+    h = act(W_gate x) * (W_up x), zero outside the chosen experts; y = W_down h."""
+    E = router_weight.shape[0]
+    m = w_gate.shape[0] // E
+    xc = x.to(compute_dtype)
+    scores = F.linear(xc, router_weight.to(compute_dtype)) + router_bias.to(compute_dtype)
+    chosen = torch.sort(scores.topk(top_k, dim=-1).indices, dim=-1).values
+    keep = torch.zeros_like(scores).scatter_(-1, chosen, 1.0)
+    h = activation(F.linear(xc, w_gate.to(compute_dtype)), act) * F.linear(xc, w_up.to(compute_dtype))
+    h = h * keep.repeat_interleave(m, dim=-1)
+    y = _finish(F.linear(h, wt_down.to(compute_dtype).t()), x.dtype, out)
+    return (y, chosen) if return_chosen else y
 
 
 def _finish(y, dtype, out):
