@@ -19,8 +19,8 @@ What is folded (no extra matmul at decode):
 
 Not foldable: the down_proj input ``SiLU(gate) * up`` (an elementwise product of two
 projections; no rotation passes through it). An explicit rotation there would cost an extra
-``intermediate^2`` product per layer (SmolLM2: 1536^2 = 2.36M weights, +70% of the layer's
-3.38M block-linear weights), so it is not offered. Per-layer residual rotations (LaRoSA's
+``intermediate^2`` product per layer (SmolLM2: 1536^2 = 2.36M weights, +67% of the layer's
+3.54M block-linear weights), so it is not offered. Per-layer residual rotations (LaRoSA's
 own) need SliceGPT-style residual adapters, likewise not foldable.
 """
 from __future__ import annotations
