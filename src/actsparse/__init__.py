@@ -26,6 +26,8 @@ _LAZY = {
     "register_method": "actsparse.sparsify", "register_handler": "actsparse.sparsify",
     "perplexity": "actsparse.eval.perplexity",
     "save_plan": "actsparse.sparsify.plan", "load_plan": "actsparse.sparsify.plan",
+    "rotate_": "actsparse.sparsify.rotation", "save_rotation": "actsparse.sparsify.rotation",
+    "load_rotation": "actsparse.sparsify.rotation",
     "relufy_": "actsparse.train.relufy", "fatrelu_": "actsparse.train.fatrelu", "FATReLU": "actsparse.train.fatrelu",
     "ProSparse": "actsparse.train.schedule", "ActivationL1": "actsparse.train.losses",
     "TopKActivation": "actsparse.train.topk", "DeltaActivation": "actsparse.train.delta",
