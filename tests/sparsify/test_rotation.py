@@ -146,3 +146,23 @@ def test_smollm2_rotated_logits_equal(smollm2):
     ref = logits(model, data)
     rotate_(model, cal)
     assert (logits(model, data) - ref).abs().max() < SMOLLM2_ATOL
+
+
+def test_damaged_rotation_files_refused(tmp_path):
+    """A missing file, or a saved matrix that is not orthogonal, is refused before folding."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    fresh = copy.deepcopy(model)
+    rotate_(model, random_windows())
+    save_rotation(model, tmp_path / "rot")
+    with pytest.raises(ConfigError, match="no rotation.json"):
+        load_rotation(copy.deepcopy(fresh), tmp_path / "missing")
+    t = load_file(str(tmp_path / "rot" / "rotation.safetensors"))
+    t["q"] = t["q"] * 1.01
+    save_file(t, str(tmp_path / "rot" / "rotation.safetensors"), metadata={"format": "actsparse-rotation/1"})
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ConfigError, match="not orthogonal"):
+        load_rotation(fresh, tmp_path / "rot")
+    for n, p in fresh.state_dict().items():
+        assert torch.equal(p, before[n]), n

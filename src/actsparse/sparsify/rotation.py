@@ -248,6 +248,9 @@ def load_rotation(model: nn.Module, directory) -> Rotation:
     from actsparse.models.loading import weights_identity
 
     directory = Path(directory)
+    for name in ("rotation.json", "rotation.safetensors"):
+        if not (directory / name).is_file():
+            raise ConfigError(f"{directory}: no {name}; a rotation directory is written by save_rotation")
     meta = json.loads((directory / "rotation.json").read_text())
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{directory}: rotation format {meta.get('format')!r}, this version reads {FORMAT!r}")
@@ -261,6 +264,25 @@ def load_rotation(model: nn.Module, directory) -> Rotation:
                           "rotate this model with rotate_ instead")
     t = load_file(str(directory / "rotation.safetensors"))
     rot = Rotation(q=t["q"], heads=t.get("heads"), source=meta["source"], calibration=meta["calibration"])
+    _check_orthogonal(rot, model, directory)
     apply_rotation_(model, rot.q, rot.heads)
     model.actsparse_rotation = rot
     return rot
+
+
+def _check_orthogonal(rot: Rotation, model: nn.Module, directory) -> None:
+    """Refuse saved matrices of the wrong shape or that are not orthogonal (a damaged file):
+    folding them would change the model's function silently."""
+    d = model.config.hidden_size
+    _, kv, hd = _head_geometry(model)
+    expect = {"q": ((d, d), rot.q)}
+    if rot.heads is not None:
+        expect["heads"] = ((len(_layers(model)), kv, hd, hd), rot.heads)
+    for name, (shape, t) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ConfigError(f"{directory}: rotation {name} has shape {tuple(t.shape)}, this model needs {shape}")
+        t = t.double()
+        err = (t.transpose(-1, -2) @ t - torch.eye(shape[-1], dtype=torch.float64)).abs().max()
+        if not bool(err < 1e-6):
+            raise ConfigError(f"{directory}: rotation {name} is not orthogonal (max |R^T R - I| = {float(err):.2g}); "
+                              "the file is damaged: rotate the model again with rotate_")
